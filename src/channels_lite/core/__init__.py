@@ -1,0 +1,1 @@
+"""The storage-agnostic core: every policy of the layer lives here, no storage code."""

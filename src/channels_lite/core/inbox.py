@@ -1,0 +1,209 @@
+"""The process's side of receiving: waiting receivers and per-channel buffers.
+
+Shared by every event loop that uses one layer, hence a ``threading.Lock`` (held only for
+dictionary work, never across an await). A message handed to a receiver on another loop travels
+with ``call_soon_threadsafe``; if that receiver was cancelled in between, the message goes back
+to the front of its channel's buffer, so nothing taken from storage is lost or reordered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..drivers.base import Claimed, ClaimRequest
+
+
+@dataclass(slots=True, eq=False)
+class Waiter:
+    channel: str
+    key: str
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[Claimed]
+
+
+class Inbox:
+    """Waiters and bounded buffers, per channel.
+
+    ``bound(channel)`` caps a channel's buffer: once it holds that many messages the channel is
+    excluded from claims and its messages wait in storage (where capacity is enforced) until
+    its consumer reads again. One full channel therefore never stops the others' claims.
+    """
+
+    def __init__(self, bound: Callable[[str], int]) -> None:
+        self._bound = bound
+        self._lock = threading.Lock()
+        self._buffers: dict[str, deque[Claimed]] = {}
+        self._waiters: dict[str, deque[Waiter]] = {}
+        self._waiting_per_key: dict[str, int] = {}
+        self._full: dict[str, set[str]] = {}
+        self.dropped_expired = 0
+
+    # -- receivers ------------------------------------------------------------------------
+
+    def take_or_wait(
+        self, channel: str, key: str, now: float, loop: asyncio.AbstractEventLoop
+    ) -> Claimed | Waiter:
+        """A buffered unexpired message for ``channel``, or a registered :class:`Waiter`."""
+        with self._lock:
+            buffer = self._buffers.get(channel)
+            while buffer:
+                message = buffer.popleft()
+                self._after_pop(channel, key, buffer)
+                if message.expires_at > now:
+                    return message
+                self.dropped_expired += 1
+            waiter = Waiter(channel, key, loop, loop.create_future())
+            self._waiters.setdefault(channel, deque()).append(waiter)
+            self._waiting_per_key[key] = self._waiting_per_key.get(key, 0) + 1
+            return waiter
+
+    def _after_pop(self, channel: str, key: str, buffer: deque[Claimed]) -> None:
+        if not buffer:
+            del self._buffers[channel]
+        full = self._full.get(key)
+        if full and channel in full and len(buffer) < self._bound(channel):
+            full.discard(channel)
+            if not full:
+                del self._full[key]
+
+    def abandon(self, waiter: Waiter) -> None:
+        """The receiver was cancelled: forget it, keeping a message it already got."""
+        with self._lock:
+            future = waiter.future
+            if future.done() and not future.cancelled():
+                self._push_front(future.result())
+                return
+            future.cancel()
+            waiters = self._waiters.get(waiter.channel)
+            if waiters is not None and waiter in waiters:
+                waiters.remove(waiter)
+                self._forget_waiter(waiter, waiters)
+
+    def _forget_waiter(self, waiter: Waiter, waiters: deque[Waiter]) -> None:
+        if not waiters:
+            self._waiters.pop(waiter.channel, None)
+        left = self._waiting_per_key[waiter.key] - 1
+        if left:
+            self._waiting_per_key[waiter.key] = left
+        else:
+            del self._waiting_per_key[waiter.key]
+
+    # -- the claim loop -------------------------------------------------------------------
+
+    def has_waiters(self, key: str) -> bool:
+        return key in self._waiting_per_key
+
+    def requests(self, batch: int) -> list[ClaimRequest]:
+        """What to claim now: only for keys somebody is waiting on.
+
+        A normal channel gets exactly as many messages as it has waiters, so that no message
+        idles in this process while another process's reader could take it. A process key gets
+        a batch, minus the channels whose buffer is full.
+        """
+        with self._lock:
+            out = []
+            for key, count in self._waiting_per_key.items():
+                if key.endswith("!"):
+                    out.append(ClaimRequest(key, batch, frozenset(self._full.get(key, ()))))
+                else:
+                    out.append(ClaimRequest(key, count))
+            return out
+
+    def deliver(
+        self, messages: list[Claimed], now: float, loop: asyncio.AbstractEventLoop
+    ) -> None:
+        """Hand claimed messages to waiters (oldest waiter first) or buffer them."""
+        with self._lock:
+            for message in messages:
+                if message.expires_at <= now:
+                    self.dropped_expired += 1
+                    continue
+                if not self._hand_to_waiter(message, loop):
+                    self._append(message)
+
+    def _hand_to_waiter(self, message: Claimed, loop: asyncio.AbstractEventLoop) -> bool:
+        waiters = self._waiters.get(message.channel)
+        while waiters:
+            waiter = waiters.popleft()
+            self._forget_waiter(waiter, waiters)
+            if waiter.future.done():
+                continue
+            if waiter.loop is loop:
+                waiter.future.set_result(message)
+                return True
+            try:
+                waiter.loop.call_soon_threadsafe(self._hand_over, waiter, message)
+            except RuntimeError:
+                # That loop is closed: its receiver is gone; try the next one.
+                continue
+            return True
+        return False
+
+    def _hand_over(self, waiter: Waiter, message: Claimed) -> None:
+        if waiter.future.done():
+            with self._lock:
+                self._push_front(message)
+        else:
+            waiter.future.set_result(message)
+
+    def _append(self, message: Claimed) -> None:
+        buffer = self._buffers.setdefault(message.channel, deque())
+        buffer.append(message)
+        if len(buffer) >= self._bound(message.channel):
+            self._full.setdefault(message.key, set()).add(message.channel)
+
+    def _push_front(self, message: Claimed) -> None:
+        # A message goes back to the front only if nobody waits: otherwise hand it on.
+        waiters = self._waiters.get(message.channel)
+        while waiters:
+            waiter = waiters.popleft()
+            self._forget_waiter(waiter, waiters)
+            if not waiter.future.done():
+                if waiter.loop.is_closed():
+                    continue
+                waiter.loop.call_soon_threadsafe(self._hand_over, waiter, message)
+                return
+        buffer = self._buffers.setdefault(message.channel, deque())
+        buffer.appendleft(message)
+        if len(buffer) >= self._bound(message.channel):
+            self._full.setdefault(message.key, set()).add(message.channel)
+
+    # -- housekeeping ---------------------------------------------------------------------
+
+    def sweep(self, now: float) -> int:
+        """Drop expired buffered messages, and so the buffers of channels nobody reads."""
+        dropped = 0
+        with self._lock:
+            for channel in list(self._buffers):
+                buffer = self._buffers[channel]
+                kept = deque(m for m in buffer if m.expires_at > now)
+                dropped += len(buffer) - len(kept)
+                if kept:
+                    self._buffers[channel] = kept
+                else:
+                    del self._buffers[channel]
+            self._full.clear()
+            for channel, buffer in self._buffers.items():
+                if len(buffer) >= self._bound(channel):
+                    self._full.setdefault(buffer[0].key, set()).add(channel)
+            self.dropped_expired += dropped
+        return dropped
+
+    def clear(self) -> None:
+        """Forget every buffered message (flush); waiting receivers keep waiting."""
+        with self._lock:
+            self._buffers.clear()
+            self._full.clear()
+
+    def buffered(self) -> int:
+        with self._lock:
+            return sum(len(b) for b in self._buffers.values())
+
+    def sizes(self) -> tuple[int, int]:
+        """(channels with a buffer, channels with a waiter): for leak checks."""
+        with self._lock:
+            return len(self._buffers), len(self._waiters)

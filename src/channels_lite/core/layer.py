@@ -1,0 +1,295 @@
+"""The ``CHANNEL_LAYERS`` backend: the Channels API, delegating every policy to its helpers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from typing import Any, ClassVar
+
+from channels.exceptions import ChannelFull, MessageTooLarge
+from channels.layers import BaseChannelLayer
+
+from ..drivers.base import (
+    Claimed,
+    Driver,
+    DriverConfigError,
+    Envelope,
+    SupportsLiveness,
+)
+from ..drivers.registry import DriverLookupError, DuplicateDriverError, get_driver_class
+from . import naming
+from .cadence import Backoff
+from .codec import Codec, DecodeError, make_serializer
+from .config import LayerConfig, default_sqlite_path, parse_config
+from .errors import ConfigurationError
+from .inbox import Inbox
+from .loops import LoopDrivers
+from .receiver import ClaimLoop
+from .upkeep import Upkeep
+
+logger = logging.getLogger("channels_lite.core.layer")
+
+_NOTIFIED_POLL_CEILING = 1.0  # safety net only: the driver tells us about changes
+_POLLED_POLL_CEILING = 0.1  # no change notifications: this bounds idle latency
+_POLL_FLOOR_NOTIFIED = 0.05
+_POLL_FLOOR_POLLED = 0.002
+
+
+class ChannelLayer(BaseChannelLayer):  # type: ignore[misc]
+    """A Channels layer over any registered driver; SQLite on an embedded file by default.
+
+    ``CONFIG`` keys are documented in :data:`channels_lite.core.config.CORE_KEYS`; keys the core
+    does not own are the driver's options.
+    """
+
+    extensions: ClassVar[list[str]] = ["groups", "flush"]
+    ChannelFull = ChannelFull
+    MessageTooLarge = MessageTooLarge
+
+    def __init__(self, **config: Any) -> None:
+        settings, driver_options = parse_config(config)
+        self.settings: LayerConfig = settings
+        # BaseChannelLayer's attribute names, for code that reads them.
+        self.expiry = settings.expiry
+        self.capacity = settings.capacity.default
+        self.channel_capacity = settings.capacity.rules
+        self.group_expiry = settings.group_expiry
+
+        try:
+            driver_cls = get_driver_class(settings.driver)
+        except (DriverLookupError, DuplicateDriverError) as exc:
+            raise ConfigurationError("driver", str(exc)) from exc
+        if driver_cls.name == "sqlite" and driver_options.get("path") is None:
+            driver_options["path"] = default_sqlite_path()
+        try:
+            self._primary: Driver = driver_cls(**driver_options)
+        except DriverConfigError as exc:
+            raise ConfigurationError(exc.option, str(exc)) from exc
+
+        self._codec = Codec(
+            make_serializer(settings.serializer_format),
+            settings.symmetric_encryption_keys,
+            settings.max_message_size,
+        )
+        self._clock = settings.clock or time.time
+        self.client_id = naming.new_client_id()
+        self._process_key = f"{self.client_id}!"
+        self._made_channels = False
+        self._inbox = Inbox(settings.capacity.for_channel)
+        self._drivers = LoopDrivers(self._primary, self._on_loop_close)
+        self._tasks_lock = threading.Lock()
+        self._claimer: ClaimLoop | None = None
+        self._upkeep: Upkeep | None = None
+        notified = hasattr(driver_cls, "add_change_listener")
+        ceiling = settings.poll_interval or (
+            _NOTIFIED_POLL_CEILING if notified else _POLLED_POLL_CEILING
+        )
+        self._poll = (_POLL_FLOOR_NOTIFIED if notified else _POLL_FLOOR_POLLED, ceiling)
+        self._closed = False
+        self._announced = False
+
+    def __repr__(self) -> str:
+        return f"<channels_lite.ChannelLayer {self._primary.describe()}>"
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    async def _driver(self) -> Driver:
+        driver = await self._drivers.driver()
+        if not self._announced:
+            self._announced = True
+            logger.info("channels-lite: using %s", driver.describe())
+        self._ensure_upkeep(asyncio.get_running_loop(), driver)
+        return driver
+
+    def _ensure_upkeep(self, loop: asyncio.AbstractEventLoop, driver: Driver) -> None:
+        upkeep = self._upkeep
+        if upkeep is not None and upkeep.alive():
+            return
+        with self._tasks_lock:
+            if self._upkeep is None or not self._upkeep.alive():
+                self._upkeep = Upkeep(
+                    loop,
+                    driver,
+                    self._inbox,
+                    self._clock,
+                    self.settings.purge_interval,
+                    self.settings.process_timeout,
+                    lambda: self._process_key if self._made_channels else None,
+                    lambda upkeep: self._upkeep is upkeep,
+                )
+
+    def _ensure_claimer(self, loop: asyncio.AbstractEventLoop, driver: Driver) -> ClaimLoop:
+        claimer = self._claimer
+        if claimer is not None and claimer.alive():
+            return claimer
+        with self._tasks_lock:
+            if self._claimer is None or not self._claimer.alive():
+                self._claimer = ClaimLoop(
+                    loop,
+                    driver,
+                    self._inbox,
+                    self._clock,
+                    Backoff(*self._poll),
+                    lambda claimer: self._claimer is claimer,
+                )
+            return self._claimer
+
+    def _wake_for(self, keys: set[str] | frozenset[str]) -> None:
+        claimer = self._claimer
+        if claimer is None:
+            return
+        if any(self._inbox.has_waiters(key) for key in keys):
+            claimer.wake()
+
+    async def _on_loop_close(self, loop: asyncio.AbstractEventLoop) -> None:
+        for task_owner in (self._claimer, self._upkeep):
+            if task_owner is not None and task_owner.loop is loop:
+                task_owner.stop()
+                if not task_owner.task.done():
+                    task_owner.task.cancel()
+                await asyncio.gather(task_owner.task, return_exceptions=True)
+
+    def _encode(self, message: dict[str, Any]) -> bytes:
+        payload = self._codec.encode(message)
+        limit = self.settings.max_message_size
+        if limit is not None and len(payload) > limit:
+            raise MessageTooLarge(
+                f"message is {len(payload)} bytes serialized; max_message_size is {limit}"
+            )
+        return payload
+
+    # -- the Channels API -----------------------------------------------------------------
+
+    async def send(self, channel: str, message: dict[str, Any]) -> None:
+        """Store ``message`` for ``channel``, or raise ``ChannelFull``/``MessageTooLarge``."""
+        naming.check_channel(channel)
+        payload = self._encode(message)
+        driver = await self._driver()
+        now = self._clock()
+        key = naming.routing_key(channel)
+        envelope = Envelope(
+            channel,
+            key,
+            payload,
+            now + self.settings.expiry,
+            self.settings.capacity.for_channel(channel),
+        )
+        (stored,) = await driver.push([envelope], now)
+        if not stored:
+            raise ChannelFull(f"channel {channel!r} is at capacity ({envelope.capacity})")
+        self._wake_for({key})
+
+    async def receive(self, channel: str) -> dict[str, Any]:
+        """Wait for the next message on ``channel``; cancelling it never loses one."""
+        naming.check_channel(channel)
+        key = naming.routing_key(channel)
+        loop = asyncio.get_running_loop()
+        driver = await self._driver()
+        while True:
+            got = self._inbox.take_or_wait(channel, key, self._clock(), loop)
+            if isinstance(got, Claimed):
+                claimed = got
+            else:
+                self._ensure_claimer(loop, driver).wake()
+                try:
+                    claimed = await got.future
+                except asyncio.CancelledError:
+                    self._inbox.abandon(got)
+                    raise
+            try:
+                return self._codec.decode(claimed.payload)
+            except DecodeError:
+                logger.exception(
+                    "channels-lite: dropped a message on %r that could not be decoded", channel
+                )
+
+    async def new_channel(self, prefix: str = "specific") -> str:
+        """A new process-specific channel name, ``<prefix>.<client>!<unique>``."""
+        naming.check_prefix(prefix)
+        self._made_channels = True
+        return naming.new_channel_name(prefix, self.client_id)
+
+    async def group_add(self, group: str, channel: str) -> None:
+        naming.check_group(group)
+        naming.check_channel(channel)
+        driver = await self._driver()
+        expires_at = self._clock() + self.settings.group_expiry
+        await driver.group_add(group, channel, naming.routing_key(channel), expires_at)
+
+    async def group_discard(self, group: str, channel: str) -> None:
+        naming.check_group(group)
+        naming.check_channel(channel)
+        driver = await self._driver()
+        await driver.group_discard(group, channel)
+
+    async def group_send(self, group: str, message: dict[str, Any]) -> None:
+        """Send to every current member; full members miss this message (never raises Full)."""
+        naming.check_group(group)
+        payload = self._encode(message)
+        driver = await self._driver()
+        now = self._clock()
+        members = await driver.group_channels(group, now)
+        if not members:
+            return
+        expires_at = now + self.settings.expiry
+        capacity = self.settings.capacity.for_channel
+        envelopes = [
+            Envelope(ch, naming.routing_key(ch), payload, expires_at, capacity(ch))
+            for ch in members
+        ]
+        batch = max(1, driver.features.max_batch)
+        stored = 0
+        for start in range(0, len(envelopes), batch):
+            flags = await driver.push(envelopes[start : start + batch], now)
+            stored += sum(flags)
+        if stored < len(envelopes):
+            logger.info(
+                "channels-lite: group_send to %r skipped %d of %d member(s) at capacity",
+                group,
+                len(envelopes) - stored,
+                len(envelopes),
+            )
+        self._wake_for({env.key for env in envelopes})
+
+    async def flush(self) -> None:
+        """Empty every message and group in storage and this process's buffers."""
+        driver = await self._driver()
+        await driver.flush()
+        self._inbox.clear()
+
+    async def close(self) -> None:
+        """Stop background work and close every driver instance. The layer can be reused."""
+        for owner in (self._claimer, self._upkeep):
+            if owner is not None:
+                owner.stop()
+        loop = asyncio.get_running_loop()
+        for owner in (self._claimer, self._upkeep):
+            if owner is not None and owner.loop is loop and not owner.task.done():
+                owner.task.cancel()
+                await asyncio.gather(owner.task, return_exceptions=True)
+        self._claimer = None
+        self._upkeep = None
+        if self._made_channels:
+            state = self._drivers.state(loop)
+            driver = await state.ready()
+            if isinstance(driver, SupportsLiveness):
+                await driver.release(self._process_key)
+            self._made_channels = False
+        await self._drivers.close_all()
+
+    async def close_pools(self) -> None:
+        """channels_redis's name for :meth:`close`."""
+        await self.close()
+
+    # -- introspection (tests, stats) -------------------------------------------------------
+
+    def local_state(self) -> dict[str, int]:
+        """Sizes of in-process structures, to check nothing leaks per channel."""
+        buffers, waiters = self._inbox.sizes()
+        return {
+            "buffered_channels": buffers,
+            "waiting_channels": waiters,
+            "loops": len(self._drivers.states()),
+        }

@@ -1,0 +1,86 @@
+"""The claim loop: one per layer, claiming for every receiver of the process.
+
+It runs on one event loop at a time (its *home*). Receivers on other loops register in the
+shared :class:`~.inbox.Inbox` and get their messages handed over thread-safely. When the home
+loop stops running (an ``async_to_sync`` loop that finished), the next receiver starts a new
+claim loop on its own loop; the old one notices it was superseded and ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from ..drivers.base import ChangeNotifier, Driver
+from .cadence import Backoff, Wakeup
+from .inbox import Inbox
+
+logger = logging.getLogger("channels_lite.core.receiver")
+
+#: Messages claimed per process key in one round.
+CLAIM_BATCH = 100
+
+
+class ClaimLoop:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        driver: Driver,
+        inbox: Inbox,
+        clock: Callable[[], float],
+        backoff: Backoff,
+        is_current: Callable[[ClaimLoop], bool],
+    ) -> None:
+        self.loop = loop
+        self.driver = driver
+        self.inbox = inbox
+        self.clock = clock
+        self.backoff = backoff
+        self.wakeup = Wakeup(loop)
+        self._is_current = is_current
+        self._stopping = False
+        self.task: asyncio.Task[None] = loop.create_task(self._run(), name="channels-lite claim")
+
+    def alive(self) -> bool:
+        return not self.task.done() and not self._stopping and self.loop.is_running()
+
+    def wake(self) -> None:
+        self.wakeup.set_threadsafe()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self.wakeup.set_threadsafe()
+
+    async def _run(self) -> None:
+        notifier = self.driver if isinstance(self.driver, ChangeNotifier) else None
+        if notifier is not None:
+            notifier.add_change_listener(self.wakeup.set)
+        try:
+            await self._claim_forever()
+        finally:
+            if notifier is not None:
+                notifier.remove_change_listener(self.wakeup.set)
+
+    async def _claim_forever(self) -> None:
+        while not self._stopping and self._is_current(self):
+            self.wakeup.consume()
+            requests = self.inbox.requests(CLAIM_BATCH)
+            if not requests:
+                # Nobody waits: park until a receiver arrives (it wakes us).
+                await self.wakeup.wait(None)
+                self.backoff.reset()
+                continue
+            now = self.clock()
+            # A driver absorbs a cancellation that arrives mid-claim and returns what it took
+            # (see Driver.claim); it is re-raised here once those messages are in the inbox.
+            claimed = await self.driver.claim(requests, now)
+            if claimed:
+                logger.debug("claimed %d message(s) for %d key(s)", len(claimed), len(requests))
+                self.inbox.deliver(claimed, now, self.loop)
+                self.backoff.reset()
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise asyncio.CancelledError
+            if not claimed:
+                await self.wakeup.wait(self.backoff.next())

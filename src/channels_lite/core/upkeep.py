@@ -1,0 +1,77 @@
+"""Housekeeping: purge expired data, sweep local buffers, keep this process's lease alive.
+
+One upkeep task per layer, on whichever loop last used the layer (restarted like the claim loop
+when its loop stops). Correctness never depends on it: every read already ignores expired data;
+this only bounds storage and memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from ..drivers.base import Driver, DriverError, SupportsLiveness
+from .cadence import Wakeup
+from .inbox import Inbox
+
+logger = logging.getLogger("channels_lite.core.upkeep")
+
+
+class Upkeep:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        driver: Driver,
+        inbox: Inbox,
+        clock: Callable[[], float],
+        purge_interval: float,
+        process_timeout: float,
+        process_key: Callable[[], str | None],
+        is_current: Callable[[Upkeep], bool],
+    ) -> None:
+        self.loop = loop
+        self.driver = driver
+        self.inbox = inbox
+        self.clock = clock
+        self.purge_interval = purge_interval
+        self.process_timeout = process_timeout
+        self._process_key = process_key
+        self._is_current = is_current
+        self._stopping = False
+        self._wakeup = Wakeup(loop)
+        self.task: asyncio.Task[None] = loop.create_task(self._run(), name="channels-lite upkeep")
+
+    def alive(self) -> bool:
+        return not self.task.done() and not self._stopping and self.loop.is_running()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wakeup.set_threadsafe()
+
+    async def _run(self) -> None:
+        liveness = self.driver if isinstance(self.driver, SupportsLiveness) else None
+        # Renew the lease well inside the timeout so one slow round cannot expire it.
+        beat_every = self.process_timeout / 4
+        next_purge = next_beat = 0.0
+        while not self._stopping and self._is_current(self):
+            now = self.clock()
+            try:
+                key = self._process_key()
+                if liveness is not None and key is not None and now >= next_beat:
+                    dead = await liveness.heartbeat(key, now + self.process_timeout, now)
+                    if dead:
+                        logger.info(
+                            "channels-lite: reaped %d dead process(es): %s", len(dead), dead
+                        )
+                    next_beat = now + beat_every
+                if now >= next_purge:
+                    removed = await self.driver.purge(now)
+                    swept = self.inbox.sweep(now)
+                    if removed or swept:
+                        logger.debug("purged %d expired row(s), %d buffered", removed, swept)
+                    next_purge = now + self.purge_interval
+            except DriverError:
+                logger.exception("channels-lite: housekeeping failed; retrying next round")
+            wait = max(0.0, min(next_purge, next_beat if liveness else next_purge) - self.clock())
+            await self._wakeup.wait(max(wait, 0.05))

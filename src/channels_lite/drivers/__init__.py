@@ -1,0 +1,29 @@
+"""Storage drivers and their discovery. Drivers persist bytes; the core owns every policy."""
+
+from .base import (
+    ChangeNotifier,
+    Claimed,
+    ClaimRequest,
+    Driver,
+    DriverConfigError,
+    DriverError,
+    DriverFeatures,
+    Envelope,
+    StorageStats,
+    SupportsLiveness,
+    SupportsStats,
+)
+
+__all__ = [
+    "ChangeNotifier",
+    "ClaimRequest",
+    "Claimed",
+    "Driver",
+    "DriverConfigError",
+    "DriverError",
+    "DriverFeatures",
+    "Envelope",
+    "StorageStats",
+    "SupportsLiveness",
+    "SupportsStats",
+]
