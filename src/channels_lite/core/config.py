@@ -57,8 +57,11 @@ def _number(key: str, value: object, *, minimum: float, allow_zero: bool = False
             key, f"CONFIG[{key!r}] must be a number of seconds, not {type(value).__name__}"
         )
     number = float(value)
-    if math.isnan(number) or math.isinf(number) or number < minimum or (
-        number == minimum and not allow_zero
+    if (
+        math.isnan(number)
+        or math.isinf(number)
+        or number < minimum
+        or (number == minimum and not allow_zero)
     ):
         raise ConfigurationError(key, f"CONFIG[{key!r}] must be > {minimum:g}, got {value!r}")
     return number

@@ -5,7 +5,7 @@ from __future__ import annotations
 from channels.exceptions import InvalidChannelLayerError
 
 
-class ConfigurationError(InvalidChannelLayerError):
+class ConfigurationError(InvalidChannelLayerError):  # type: ignore[misc]
     """A CONFIG value is unknown, of the wrong type, or impossible.
 
     ``key`` names the offending CONFIG key (``None`` when the problem is not one key).

@@ -46,22 +46,28 @@ class Inbox:
 
     def take_or_wait(
         self, channel: str, key: str, now: float, loop: asyncio.AbstractEventLoop
-    ) -> Claimed | Waiter:
-        """A buffered unexpired message for ``channel``, or a registered :class:`Waiter`."""
+    ) -> tuple[Claimed | Waiter, bool]:
+        """A buffered unexpired message for ``channel``, or a registered :class:`Waiter`.
+
+        The flag says whether the claim loop must be woken: a key gained its first waiter, a
+        normal channel gained one more (it claims one per waiter), or a full channel got room.
+        """
         with self._lock:
             buffer = self._buffers.get(channel)
+            room = False
             while buffer:
                 message = buffer.popleft()
-                self._after_pop(channel, key, buffer)
+                room = self._after_pop(channel, key, buffer) or room
                 if message.expires_at > now:
-                    return message
+                    return message, room
                 self.dropped_expired += 1
             waiter = Waiter(channel, key, loop, loop.create_future())
             self._waiters.setdefault(channel, deque()).append(waiter)
-            self._waiting_per_key[key] = self._waiting_per_key.get(key, 0) + 1
-            return waiter
+            count = self._waiting_per_key.get(key, 0)
+            self._waiting_per_key[key] = count + 1
+            return waiter, room or count == 0 or not key.endswith("!")
 
-    def _after_pop(self, channel: str, key: str, buffer: deque[Claimed]) -> None:
+    def _after_pop(self, channel: str, key: str, buffer: deque[Claimed]) -> bool:
         if not buffer:
             del self._buffers[channel]
         full = self._full.get(key)
@@ -69,6 +75,8 @@ class Inbox:
             full.discard(channel)
             if not full:
                 del self._full[key]
+            return True
+        return False
 
     def abandon(self, waiter: Waiter) -> None:
         """The receiver was cancelled: forget it, keeping a message it already got."""
@@ -113,9 +121,7 @@ class Inbox:
                     out.append(ClaimRequest(key, count))
             return out
 
-    def deliver(
-        self, messages: list[Claimed], now: float, loop: asyncio.AbstractEventLoop
-    ) -> None:
+    def deliver(self, messages: list[Claimed], now: float, loop: asyncio.AbstractEventLoop) -> None:
         """Hand claimed messages to waiters (oldest waiter first) or buffer them."""
         with self._lock:
             for message in messages:
@@ -124,6 +130,18 @@ class Inbox:
                     continue
                 if not self._hand_to_waiter(message, loop):
                     self._append(message)
+
+    def offer_local(self, message: Claimed, capacity: int, loop: asyncio.AbstractEventLoop) -> bool:
+        """Deliver a message sent by this process to one of its own channels, bypassing
+        storage. ``False`` when the channel's buffer already holds ``capacity`` messages."""
+        with self._lock:
+            if self._hand_to_waiter(message, loop):
+                return True
+            buffer = self._buffers.get(message.channel)
+            if buffer is not None and len(buffer) >= capacity:
+                return False
+            self._append(message)
+            return True
 
     def _hand_to_waiter(self, message: Claimed, loop: asyncio.AbstractEventLoop) -> bool:
         waiters = self._waiters.get(message.channel)

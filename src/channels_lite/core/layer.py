@@ -140,6 +140,8 @@ class ChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         claimer = self._claimer
         if claimer is None:
             return
+        for key in keys:
+            claimer.clean.discard(key)
         if any(self._inbox.has_waiters(key) for key in keys):
             claimer.wake()
 
@@ -166,9 +168,12 @@ class ChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         """Store ``message`` for ``channel``, or raise ``ChannelFull``/``MessageTooLarge``."""
         naming.check_channel(channel)
         payload = self._encode(message)
+        key = naming.routing_key(channel)
+        if key == self._process_key:
+            self._send_local(channel, payload)
+            return
         driver = await self._driver()
         now = self._clock()
-        key = naming.routing_key(channel)
         envelope = Envelope(
             channel,
             key,
@@ -181,6 +186,15 @@ class ChannelLayer(BaseChannelLayer):  # type: ignore[misc]
             raise ChannelFull(f"channel {channel!r} is at capacity ({envelope.capacity})")
         self._wake_for({key})
 
+    def _send_local(self, channel: str, payload: bytes) -> None:
+        # Same-process fast path: one of this layer's own channels. Same rules as storage:
+        # capacity bounds the channel's buffer, expiry is checked on receive, and one writer's
+        # messages keep their order because all of them take this path.
+        capacity = self.settings.capacity.for_channel(channel)
+        message = Claimed(channel, self._process_key, payload, self._clock() + self.settings.expiry)
+        if not self._inbox.offer_local(message, capacity, asyncio.get_running_loop()):
+            raise ChannelFull(f"channel {channel!r} is at capacity ({capacity})")
+
     async def receive(self, channel: str) -> dict[str, Any]:
         """Wait for the next message on ``channel``; cancelling it never loses one."""
         naming.check_channel(channel)
@@ -188,11 +202,15 @@ class ChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         loop = asyncio.get_running_loop()
         driver = await self._driver()
         while True:
-            got = self._inbox.take_or_wait(channel, key, self._clock(), loop)
+            got, wake = self._inbox.take_or_wait(channel, key, self._clock(), loop)
+            claimer = self._claimer
+            if claimer is None or not claimer.alive():
+                self._ensure_claimer(loop, driver).wake()
+            elif wake and key not in claimer.clean:
+                claimer.wake()
             if isinstance(got, Claimed):
                 claimed = got
             else:
-                self._ensure_claimer(loop, driver).wake()
                 try:
                     claimed = await got.future
                 except asyncio.CancelledError:
@@ -235,21 +253,28 @@ class ChannelLayer(BaseChannelLayer):  # type: ignore[misc]
             return
         expires_at = now + self.settings.expiry
         capacity = self.settings.capacity.for_channel
-        envelopes = [
-            Envelope(ch, naming.routing_key(ch), payload, expires_at, capacity(ch))
-            for ch in members
-        ]
+        envelopes = []
+        local_full = 0
+        for ch in members:
+            key = naming.routing_key(ch)
+            if key == self._process_key:
+                local = Claimed(ch, key, payload, expires_at)
+                if not self._inbox.offer_local(local, capacity(ch), asyncio.get_running_loop()):
+                    local_full += 1
+            else:
+                envelopes.append(Envelope(ch, key, payload, expires_at, capacity(ch)))
         batch = max(1, driver.features.max_batch)
         stored = 0
         for start in range(0, len(envelopes), batch):
             flags = await driver.push(envelopes[start : start + batch], now)
             stored += sum(flags)
-        if stored < len(envelopes):
+        skipped = len(envelopes) - stored + local_full
+        if skipped:
             logger.info(
                 "channels-lite: group_send to %r skipped %d of %d member(s) at capacity",
                 group,
-                len(envelopes) - stored,
-                len(envelopes),
+                skipped,
+                len(members),
             )
         self._wake_for({env.key for env in envelopes})
 

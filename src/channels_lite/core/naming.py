@@ -18,9 +18,7 @@ _CHANNEL = re.compile(r"[A-Za-z0-9_.\-]+(?:![A-Za-z0-9_.\-]*)?")
 _GROUP = re.compile(r"[A-Za-z0-9_.\-]+")
 _PREFIX = re.compile(r"[A-Za-z0-9_.\-]+")
 
-_RULE = (
-    f"1 to {MAX_NAME_LENGTH} ASCII letters, digits, '-', '_' or '.'"
-)
+_RULE = f"1 to {MAX_NAME_LENGTH} ASCII letters, digits, '-', '_' or '.'"
 
 
 def check_channel(name: object) -> str:

@@ -12,7 +12,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from ..drivers.base import ChangeNotifier, Driver
+from ..drivers.base import ChangeNotifier, Claimed, ClaimRequest, Driver
 from .cadence import Backoff, Wakeup
 from .inbox import Inbox
 
@@ -40,6 +40,11 @@ class ClaimLoop:
         self.wakeup = Wakeup(loop)
         self._is_current = is_current
         self._stopping = False
+        # Keys storage held nothing more for at the last claim, with no change notified since.
+        # A receiver on such a key need not wake us: only a notification or a local push can
+        # put messages there, and both clear the key. Trusted only with a ChangeNotifier.
+        self.clean: set[str] = set()
+        self._generation = 0
         self.task: asyncio.Task[None] = loop.create_task(self._run(), name="channels-lite claim")
 
     def alive(self) -> bool:
@@ -48,6 +53,11 @@ class ClaimLoop:
     def wake(self) -> None:
         self.wakeup.set_threadsafe()
 
+    def _on_change(self) -> None:
+        self._generation += 1
+        self.clean.clear()
+        self.wakeup.set()
+
     def stop(self) -> None:
         self._stopping = True
         self.wakeup.set_threadsafe()
@@ -55,14 +65,15 @@ class ClaimLoop:
     async def _run(self) -> None:
         notifier = self.driver if isinstance(self.driver, ChangeNotifier) else None
         if notifier is not None:
-            notifier.add_change_listener(self.wakeup.set)
+            notifier.add_change_listener(self._on_change)
         try:
-            await self._claim_forever()
+            await self._claim_forever(trust_clean=notifier is not None)
         finally:
+            self.clean.clear()
             if notifier is not None:
-                notifier.remove_change_listener(self.wakeup.set)
+                notifier.remove_change_listener(self._on_change)
 
-    async def _claim_forever(self) -> None:
+    async def _claim_forever(self, *, trust_clean: bool) -> None:
         while not self._stopping and self._is_current(self):
             self.wakeup.consume()
             requests = self.inbox.requests(CLAIM_BATCH)
@@ -72,6 +83,7 @@ class ClaimLoop:
                 self.backoff.reset()
                 continue
             now = self.clock()
+            generation = self._generation
             # A driver absorbs a cancellation that arrives mid-claim and returns what it took
             # (see Driver.claim); it is re-raised here once those messages are in the inbox.
             claimed = await self.driver.claim(requests, now)
@@ -79,8 +91,20 @@ class ClaimLoop:
                 logger.debug("claimed %d message(s) for %d key(s)", len(claimed), len(requests))
                 self.inbox.deliver(claimed, now, self.loop)
                 self.backoff.reset()
+            if trust_clean and generation == self._generation:
+                self._mark_clean(requests, claimed)
             task = asyncio.current_task()
             if task is not None and task.cancelling():
                 raise asyncio.CancelledError
             if not claimed:
                 await self.wakeup.wait(self.backoff.next())
+
+    def _mark_clean(self, requests: list[ClaimRequest], claimed: list[Claimed]) -> None:
+        counts: dict[str, int] = {}
+        for message in claimed:
+            counts[message.key] = counts.get(message.key, 0) + 1
+        for request in requests:
+            if counts.get(request.key, 0) < request.limit and not request.exclude:
+                self.clean.add(request.key)
+            else:
+                self.clean.discard(request.key)

@@ -45,8 +45,8 @@ from typing import Any, ClassVar, Protocol, Self, runtime_checkable
 
 __all__ = [
     "ChangeNotifier",
-    "Claimed",
     "ClaimRequest",
+    "Claimed",
     "Driver",
     "DriverConfigError",
     "DriverError",
@@ -137,8 +137,7 @@ class Driver(abc.ABC):
             known = ", ".join(sorted(self.option_docs)) or "none"
             raise DriverConfigError(
                 unknown[0],
-                f"unknown option {unknown[0]!r} for driver {self.name!r} "
-                f"(its options: {known})",
+                f"unknown option {unknown[0]!r} for driver {self.name!r} (its options: {known})",
             )
         self.options: dict[str, Any] = dict(options)
 

@@ -139,9 +139,12 @@ def driver_origin(name: str) -> tuple[str, str | None]:
     plugin = _default.origin(name)
     cls = _default.drivers()[name]
     top = cls.__module__.split(".")[0]
-    try:
-        dists = metadata.packages_distributions().get(top, [])
-        version = metadata.version(dists[0]) if dists else None
-    except metadata.PackageNotFoundError:
-        version = None
-    return plugin, version
+    # Editable installs are often missing from packages_distributions(); try the usual
+    # distribution spelling of the import name as well.
+    candidates = [*metadata.packages_distributions().get(top, []), top.replace("_", "-")]
+    for dist in candidates:
+        try:
+            return plugin, metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return plugin, None
