@@ -87,7 +87,6 @@ class ChannelLayer(BaseChannelLayer):  # type: ignore[misc]
             _NOTIFIED_POLL_CEILING if notified else _POLLED_POLL_CEILING
         )
         self._poll = (_POLL_FLOOR_NOTIFIED if notified else _POLL_FLOOR_POLLED, ceiling)
-        self._closed = False
         self._announced = False
 
     def __repr__(self) -> str:
@@ -226,8 +225,13 @@ class ChannelLayer(BaseChannelLayer):  # type: ignore[misc]
     async def new_channel(self, prefix: str = "specific") -> str:
         """A new process-specific channel name, ``<prefix>.<client>!<unique>``."""
         naming.check_prefix(prefix)
-        self._made_channels = True
-        return naming.new_channel_name(prefix, self.client_id)
+        name = naming.new_channel_name(prefix, self.client_id)
+        if not self._made_channels:
+            self._made_channels = True
+            upkeep = self._upkeep
+            if upkeep is not None:
+                upkeep.wake()
+        return name
 
     async def group_add(self, group: str, channel: str) -> None:
         naming.check_group(group)

@@ -49,6 +49,10 @@ class Upkeep:
         self._stopping = True
         self._wakeup.set_threadsafe()
 
+    def wake(self) -> None:
+        """Run a round now (a process just made its first channel: take a lease at once)."""
+        self._wakeup.set_threadsafe()
+
     async def _run(self) -> None:
         liveness = self.driver if isinstance(self.driver, SupportsLiveness) else None
         # Renew the lease well inside the timeout so one slow round cannot expire it.
@@ -56,22 +60,28 @@ class Upkeep:
         next_purge = next_beat = 0.0
         while not self._stopping and self._is_current(self):
             now = self.clock()
-            try:
-                key = self._process_key()
-                if liveness is not None and key is not None and now >= next_beat:
+            key = self._process_key() if liveness is not None else None
+            if liveness is not None and key is not None and now >= next_beat:
+                # Set before the call: a broken database must not turn this into a busy loop.
+                next_beat = now + beat_every
+                try:
                     dead = await liveness.heartbeat(key, now + self.process_timeout, now)
+                except DriverError:
+                    logger.exception("channels-lite: renewing the process lease failed")
+                else:
                     if dead:
                         logger.info(
                             "channels-lite: reaped %d dead process(es): %s", len(dead), dead
                         )
-                    next_beat = now + beat_every
-                if now >= next_purge:
+            if now >= next_purge:
+                next_purge = now + self.purge_interval
+                try:
                     removed = await self.driver.purge(now)
+                except DriverError:
+                    logger.exception("channels-lite: purging expired data failed")
+                else:
                     swept = self.inbox.sweep(now)
                     if removed or swept:
                         logger.debug("purged %d expired row(s), %d buffered", removed, swept)
-                    next_purge = now + self.purge_interval
-            except DriverError:
-                logger.exception("channels-lite: housekeeping failed; retrying next round")
-            wait = max(0.0, min(next_purge, next_beat if liveness else next_purge) - self.clock())
-            await self._wakeup.wait(max(wait, 0.05))
+            deadline = next_purge if key is None else min(next_purge, next_beat)
+            await self._wakeup.wait(max(deadline - self.clock(), 0.05))
