@@ -112,10 +112,25 @@ def _json_hook(obj: dict[str, Any]) -> object:
     return obj
 
 
+def _reject_tag(value: object, path: str) -> None:
+    if isinstance(value, dict):
+        if _BYTES_TAG in value:
+            raise ValueError(
+                f"{path} holds the key {_BYTES_TAG!r}, which the json serializer reserves "
+                "for bytes; use serializer_format='msgpack' to send such keys"
+            )
+        for key, item in value.items():
+            _reject_tag(item, f"{path}[{key!r}]")
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            _reject_tag(item, f"{path}[{index}]")
+
+
 class JSONSerializer:
-    """Readable storage; bytes travel as ``{"\\x00bytes": base64}`` (a key no message may hold)."""
+    """Readable storage; bytes travel as ``{"\\x00bytes": base64}``, a key refused in messages."""
 
     def dumps(self, message: dict[str, Any]) -> bytes:
+        _reject_tag(message, "message")
         return json.dumps(message, default=_json_default, separators=(",", ":")).encode()
 
     def loads(self, data: bytes) -> dict[str, Any]:

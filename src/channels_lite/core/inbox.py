@@ -102,6 +102,11 @@ class Inbox:
 
     # -- the claim loop -------------------------------------------------------------------
 
+    def waiting_loops(self) -> list[asyncio.AbstractEventLoop]:
+        with self._lock:
+            loops = {w.loop for waiters in self._waiters.values() for w in waiters}
+        return list(loops)
+
     def has_waiters(self, key: str) -> bool:
         return key in self._waiting_per_key
 

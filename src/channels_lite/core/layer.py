@@ -6,6 +6,7 @@ import asyncio
 import logging
 import threading
 import time
+import weakref
 from typing import Any, ClassVar
 
 from channels.exceptions import ChannelFull, MessageTooLarge
@@ -24,17 +25,23 @@ from .cadence import Backoff
 from .codec import Codec, DecodeError, make_serializer
 from .config import LayerConfig, default_sqlite_path, parse_config
 from .errors import ConfigurationError
-from .inbox import Inbox
+from .inbox import Inbox, Waiter
 from .loops import LoopDrivers
 from .receiver import ClaimLoop
 from .upkeep import Upkeep
 
 logger = logging.getLogger("channels_lite.core.layer")
 
+#: Every live layer of this process, so flush() can reset the buffers of its peers.
+_layers: weakref.WeakSet[ChannelLayer] = weakref.WeakSet()
+
 _NOTIFIED_POLL_CEILING = 1.0  # safety net only: the driver tells us about changes
 _POLLED_POLL_CEILING = 0.1  # no change notifications: this bounds idle latency
 _POLL_FLOOR_NOTIFIED = 0.05
 _POLL_FLOOR_POLLED = 0.002
+#: How often a waiting receiver checks that a claim loop still serves it (its home loop may
+#: have stopped, e.g. an ``async_to_sync`` loop that finished).
+_CLAIMER_CHECK = 1.0
 
 
 class ChannelLayer(BaseChannelLayer):  # type: ignore[misc]
@@ -88,6 +95,7 @@ class ChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         )
         self._poll = (_POLL_FLOOR_NOTIFIED if notified else _POLL_FLOOR_POLLED, ceiling)
         self._announced = False
+        _layers.add(self)
 
     def __repr__(self) -> str:
         return f"<channels_lite.ChannelLayer {self._primary.describe()}>"
@@ -145,12 +153,36 @@ class ChannelLayer(BaseChannelLayer):  # type: ignore[misc]
             claimer.wake()
 
     async def _on_loop_close(self, loop: asyncio.AbstractEventLoop) -> None:
+        claimer_moved = self._claimer is not None and self._claimer.loop is loop
         for task_owner in (self._claimer, self._upkeep):
             if task_owner is not None and task_owner.loop is loop:
                 task_owner.stop()
                 if not task_owner.task.done():
                     task_owner.task.cancel()
                 await asyncio.gather(task_owner.task, return_exceptions=True)
+        if claimer_moved:
+            # Receivers on other loops were served by the loop that is closing: hand the
+            # claim loop to one of them now rather than at their next liveness check.
+            for other in self._inbox.waiting_loops():
+                if other is not loop and other.is_running():
+                    other.call_soon_threadsafe(self._adopt_claimer, other)
+                    break
+
+    def _adopt_claimer(self, loop: asyncio.AbstractEventLoop) -> None:
+        state = self._drivers.state(loop)
+        if state.opened:
+            self._ensure_claimer(loop, state.driver).wake()
+
+    def _check_claimer(
+        self, loop: asyncio.AbstractEventLoop, driver: Driver, waiter: Waiter
+    ) -> None:
+        """Safety net for a waiting receiver: the claim loop serving it must be alive."""
+        if waiter.future.done():
+            return
+        claimer = self._claimer
+        if claimer is None or not claimer.alive():
+            self._ensure_claimer(loop, driver).wake()
+        loop.call_later(_CLAIMER_CHECK, self._check_claimer, loop, driver, waiter)
 
     def _encode(self, message: dict[str, Any]) -> bytes:
         payload = self._codec.encode(message)
@@ -210,11 +242,14 @@ class ChannelLayer(BaseChannelLayer):  # type: ignore[misc]
             if isinstance(got, Claimed):
                 claimed = got
             else:
+                check = loop.call_later(_CLAIMER_CHECK, self._check_claimer, loop, driver, got)
                 try:
                     claimed = await got.future
                 except asyncio.CancelledError:
                     self._inbox.abandon(got)
                     raise
+                finally:
+                    check.cancel()
             try:
                 return self._codec.decode(claimed.payload)
             except DecodeError:
@@ -283,10 +318,15 @@ class ChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         self._wake_for({env.key for env in envelopes})
 
     async def flush(self) -> None:
-        """Empty every message and group in storage and this process's buffers."""
+        """Empty every message and group in storage, and the buffers of every layer of this
+        process on the same storage. (Another process's buffers cannot be reached: messages it
+        already took for its own channels stay there, at most a capacity per channel.)"""
         driver = await self._driver()
         await driver.flush()
-        self._inbox.clear()
+        storage = self._primary.describe()
+        for layer in list(_layers):
+            if layer is self or layer._primary.describe() == storage:
+                layer._inbox.clear()
 
     async def close(self) -> None:
         """Stop background work and close every driver instance. The layer can be reused."""

@@ -52,6 +52,7 @@ __all__ = [
     "DriverError",
     "DriverFeatures",
     "Envelope",
+    "StorageStats",
     "SupportsLiveness",
     "SupportsStats",
 ]
@@ -187,6 +188,8 @@ class Driver(abc.ABC):
         - ``False`` means "channel full, nothing stored for this envelope"; it is not an error.
         - On :class:`DriverError` nothing of the batch may be half-stored in a way that delivers
           a message twice; storing none of it is the simple way to keep that.
+        - A push whose awaiting task is cancelled may or may not have stored its batch (as with
+          any request whose reply is lost); it is never stored twice.
         """
 
     @abc.abstractmethod
@@ -212,7 +215,8 @@ class Driver(abc.ABC):
     async def group_add(self, group: str, channel: str, key: str, expires_at: float) -> None:
         """Add ``channel`` (routed under ``key``) to ``group``, or refresh its ``expires_at``.
 
-        Idempotent: adding twice leaves one membership with the later ``expires_at``.
+        Idempotent: adding twice leaves one membership, with the ``expires_at`` of the last
+        call.
         """
 
     @abc.abstractmethod
@@ -228,7 +232,9 @@ class Driver(abc.ABC):
         """Delete expired messages and memberships; return how many rows went away.
 
         Purging is housekeeping only: correctness never depends on it, because every read
-        already ignores expired rows.
+        already ignores expired rows. It must not delete process leases
+        (:class:`SupportsLiveness`): an expired lease is how ``heartbeat`` finds a dead process
+        whose messages and memberships it must remove.
         """
 
     @abc.abstractmethod

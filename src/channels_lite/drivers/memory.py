@@ -217,9 +217,6 @@ class MemoryDriver(Driver):
                     removed += 1
                 if not members:
                     del store.groups[group]
-            for key in [k for k, exp in store.leases.items() if exp <= now]:
-                del store.leases[key]
-                removed += 1
         return removed
 
     async def flush(self) -> None:

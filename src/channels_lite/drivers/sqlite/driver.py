@@ -1,0 +1,304 @@
+"""SQLiteDriver: the reference driver, one SQLite file shared by every process on a host."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import re
+import sqlite3
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar
+
+from channels_lite.drivers.base import (
+    Claimed,
+    ClaimRequest,
+    Driver,
+    DriverConfigError,
+    DriverError,
+    DriverFeatures,
+    Envelope,
+    StorageStats,
+)
+from channels_lite.drivers.sqlite import ops
+from channels_lite.drivers.sqlite.connection import Connection
+from channels_lite.drivers.sqlite.files import default_path, prepare_file
+from channels_lite.drivers.sqlite.notify import Watcher, start_watcher
+from channels_lite.drivers.sqlite.schema import Tables, prepare
+
+__all__ = ["SQLiteDriver"]
+
+logger = logging.getLogger("channels_lite.drivers.sqlite")
+
+#: ``DELETE ... RETURNING`` arrived in SQLite 3.35.0 (March 2021).
+MIN_SQLITE_VERSION = (3, 35, 0)
+_SYNCHRONOUS = ("NORMAL", "FULL", "OFF")
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+#: Bound the -wal file after a burst; without it the file keeps its peak size forever.
+_JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024
+
+
+def _check_path(value: Any) -> str:
+    if value is None:
+        return default_path()
+    if not isinstance(value, str | os.PathLike):
+        raise DriverConfigError(
+            "path", f"'path' must be a str or os.PathLike, not {type(value).__name__} ({value!r})"
+        )
+    path = os.fspath(value)
+    if not isinstance(path, str):
+        raise DriverConfigError("path", f"'path' must be a text path, not bytes ({value!r})")
+    if path in ("", ":memory:") or path.startswith("file:"):
+        raise DriverConfigError(
+            "path",
+            f"'path' must be a file system path, not {value!r}; for a process-local layer "
+            "use the 'memory' driver",
+        )
+    # Absolute once, here: siblings are re-created from the options and must share the file
+    # even if the working directory changes later.
+    return os.path.abspath(path)
+
+
+def _check_timeout(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise DriverConfigError(
+            "timeout",
+            f"'timeout' must be a number of seconds, not {type(value).__name__} ({value!r})",
+        )
+    timeout = float(value)
+    if not math.isfinite(timeout) or timeout <= 0:
+        raise DriverConfigError(
+            "timeout", f"'timeout' must be a positive, finite number of seconds, not {value!r}"
+        )
+    return timeout
+
+
+def _check_synchronous(value: Any) -> str:
+    if not isinstance(value, str) or value.upper() not in _SYNCHRONOUS:
+        raise DriverConfigError(
+            "synchronous",
+            f"'synchronous' must be one of {', '.join(_SYNCHRONOUS)} (any case), not {value!r}",
+        )
+    return value.upper()
+
+
+def _check_prefix(value: Any) -> str:
+    if not isinstance(value, str) or not _IDENTIFIER.fullmatch(value):
+        raise DriverConfigError(
+            "table_prefix",
+            "'table_prefix' must be an SQL identifier (a letter or _, then letters, digits "
+            f"or _), not {value!r}",
+        )
+    return value
+
+
+class SQLiteDriver(Driver):
+    """Messages and groups in one SQLite file (WAL mode), shared by every local process."""
+
+    name: ClassVar[str] = "sqlite"
+    features: ClassVar[DriverFeatures] = DriverFeatures(
+        cross_process=True, persistent=True, max_batch=1000
+    )
+    option_docs: ClassVar[Mapping[str, str]] = {
+        "path": "database file (str or path); default channels-lite.sqlite3 in the working "
+        "directory; its directory must exist",
+        "timeout": "seconds to keep retrying while another process holds the write lock "
+        "(default 5.0)",
+        "synchronous": "SQLite synchronous pragma: NORMAL (default), FULL or OFF",
+        "table_prefix": "prefix of the table names (default 'channels_lite_')",
+    }
+    #: Skip the write lock when a read shows there is nothing to claim (see ops.has_claimable).
+    claim_precheck: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        *,
+        path: str | os.PathLike[str] | None = None,
+        timeout: float = 5.0,
+        synchronous: str = "NORMAL",
+        table_prefix: str = "channels_lite_",
+        **options: Any,
+    ) -> None:
+        checked_path = _check_path(path)
+        checked_timeout = _check_timeout(timeout)
+        checked_synchronous = _check_synchronous(synchronous)
+        checked_prefix = _check_prefix(table_prefix)
+        super().__init__(
+            path=checked_path,
+            timeout=checked_timeout,
+            synchronous=checked_synchronous,
+            table_prefix=checked_prefix,
+            **options,
+        )
+        self.path = checked_path
+        self.timeout = checked_timeout
+        self.synchronous = checked_synchronous
+        self.tables = Tables(checked_prefix)
+        self._conn: Connection | None = None
+        self._open_lock = asyncio.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._listeners: list[Callable[[], None]] = []
+        self._watcher: Watcher | None = None
+        self._stopping: set[asyncio.Task[None]] = set()
+
+    def describe(self) -> str:
+        return f"sqlite at {self.path}"
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        if self._conn is not None:
+            return
+        async with self._open_lock:
+            if self._conn is not None:
+                return
+            if sqlite3.sqlite_version_info < MIN_SQLITE_VERSION:
+                raise DriverError(
+                    f"cannot use SQLite database {self.path!r}: the SQLite library linked into "
+                    f"Python is {sqlite3.sqlite_version}, and channels-lite needs 3.35.0 or "
+                    "newer (for DELETE ... RETURNING); use a newer Python build, or install "
+                    "pysqlite3-binary and make it the sqlite3 module"
+                )
+            prepare_file(self.path)
+            conn = Connection(
+                self.path,
+                timeout=self.timeout,
+                pragmas=(
+                    f"PRAGMA synchronous = {self.synchronous}",
+                    f"PRAGMA journal_size_limit = {_JOURNAL_SIZE_LIMIT}",
+                ),
+            )
+            await conn.open()
+            try:
+                version = await conn.run(
+                    lambda raw: prepare(raw, self.tables, self.path), doing="preparing tables"
+                )
+            except BaseException:
+                await conn.close()
+                raise
+            self._conn = conn
+            self._loop = asyncio.get_running_loop()
+            logger.debug(
+                "opened %s (schema %d, SQLite %s)", self.path, version, sqlite3.sqlite_version
+            )
+            if self._listeners:
+                self._start_watcher()
+
+    async def close(self) -> None:
+        watcher, self._watcher = self._watcher, None
+        if watcher is not None:
+            await watcher.stop()
+        while self._stopping:
+            await asyncio.wait(set(self._stopping))
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await conn.close()
+            logger.debug("closed %s", self.path)
+
+    def _connection(self) -> Connection:
+        if self._conn is None:
+            raise DriverError(f"the SQLite driver for {self.path!r} is not open; call open() first")
+        return self._conn
+
+    # -- the contract ------------------------------------------------------------------------
+
+    async def push(self, envelopes: Sequence[Envelope], now: float) -> list[bool]:
+        if not envelopes:
+            return []
+        batch = tuple(envelopes)
+        return await self._connection().run(
+            lambda raw: ops.push(raw, self.tables, batch, now), doing="storing messages"
+        )
+
+    async def claim(self, requests: Sequence[ClaimRequest], now: float) -> list[Claimed]:
+        if not requests:
+            return []
+        batch = tuple(requests)
+        precheck = self.claim_precheck
+        return await self._connection().run(
+            lambda raw: ops.claim(raw, self.tables, batch, now, precheck=precheck),
+            doing="claiming messages",
+            finish_on_cancel=True,
+        )
+
+    async def group_add(self, group: str, channel: str, key: str, expires_at: float) -> None:
+        await self._connection().run(
+            lambda raw: ops.group_add(
+                raw, self.tables, group, channel, key=key, expires_at=expires_at
+            ),
+            doing="adding a group member",
+        )
+
+    async def group_discard(self, group: str, channel: str) -> None:
+        await self._connection().run(
+            lambda raw: ops.group_discard(raw, self.tables, group, channel),
+            doing="removing a group member",
+        )
+
+    async def group_channels(self, group: str, now: float) -> list[str]:
+        return await self._connection().run(
+            lambda raw: ops.group_channels(raw, self.tables, group, now),
+            doing="reading group members",
+        )
+
+    async def purge(self, now: float) -> int:
+        return await self._connection().run(
+            lambda raw: ops.purge(raw, self.tables, now), doing="purging expired rows"
+        )
+
+    async def flush(self) -> None:
+        await self._connection().run(lambda raw: ops.flush(raw, self.tables), doing="flushing")
+
+    # -- SupportsLiveness --------------------------------------------------------------------
+
+    async def heartbeat(self, process_key: str, expires_at: float, now: float) -> list[str]:
+        return await self._connection().run(
+            lambda raw: ops.heartbeat(raw, self.tables, process_key, expires_at, now),
+            doing="renewing the process lease",
+        )
+
+    async def release(self, process_key: str) -> None:
+        await self._connection().run(
+            lambda raw: ops.release(raw, self.tables, process_key),
+            doing="releasing the process lease",
+        )
+
+    # -- SupportsStats -----------------------------------------------------------------------
+
+    async def stats(self, now: float, top: int) -> StorageStats:
+        return await self._connection().run(
+            lambda raw: ops.stats(raw, self.tables, self.path, now, top), doing="reading stats"
+        )
+
+    # -- ChangeNotifier ----------------------------------------------------------------------
+
+    def add_change_listener(self, callback: Callable[[], None]) -> None:
+        self._listeners.append(callback)
+        if self._conn is not None and self._watcher is None:
+            self._start_watcher()
+
+    def remove_change_listener(self, callback: Callable[[], None]) -> None:
+        try:
+            self._listeners.remove(callback)
+        except ValueError:
+            return
+        if not self._listeners and self._watcher is not None:
+            watcher, self._watcher = self._watcher, None
+            # Listeners are removed from synchronous code; close() awaits what is left.
+            loop = self._loop or asyncio.get_running_loop()
+            task = loop.create_task(watcher.stop())
+            self._stopping.add(task)
+            task.add_done_callback(self._stopping.discard)
+
+    def _start_watcher(self) -> None:
+        if self._loop is None:
+            return
+        self._watcher = start_watcher(self._loop, self.path, self.timeout, self._changed)
+
+    def _changed(self) -> None:
+        for callback in tuple(self._listeners):
+            try:
+                callback()
+            except Exception:
+                logger.exception("change listener %r failed", callback)

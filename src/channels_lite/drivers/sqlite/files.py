@@ -1,0 +1,62 @@
+"""The database file: checked and created before SQLite sees it."""
+
+from __future__ import annotations
+
+import os
+
+from channels_lite.drivers.base import DriverError
+
+__all__ = ["DEFAULT_FILENAME", "default_path", "prepare_file"]
+
+DEFAULT_FILENAME = "channels-lite.sqlite3"
+
+
+def default_path() -> str:
+    """Where the database lives when CONFIG names no ``path``."""
+    return os.path.join(os.getcwd(), DEFAULT_FILENAME)
+
+
+def prepare_file(path: str) -> None:
+    """Make sure ``path`` is a file we can read and write, creating it owner-only if missing.
+
+    SQLite would create a missing file with the process umask (often world-readable), and its
+    ``-wal``/``-shm`` files copy the database file's permissions; creating the file ourselves
+    with 0600 keeps every message private to the owner. Existing files are never chmod-ed.
+    """
+    directory = os.path.dirname(path)
+    if not os.path.isdir(directory):
+        raise DriverError(
+            f"cannot open SQLite database {path!r}: directory {directory!r} does not exist; "
+            "create it, or set CONFIG['path'] to a file in an existing directory"
+        )
+    if os.path.isdir(path):
+        suggestion = os.path.join(path, DEFAULT_FILENAME)
+        raise DriverError(
+            f"SQLite database path {path!r} is a directory; set CONFIG['path'] to a file, "
+            f"e.g. {suggestion!r}"
+        )
+    existed = os.path.exists(path)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+    except PermissionError as exc:
+        if existed:
+            raise DriverError(
+                f"SQLite database {path!r} is not writable by this user; make it writable "
+                "(e.g. chmod u+rw), run as its owner, or set CONFIG['path']"
+            ) from exc
+        raise DriverError(
+            f"cannot create SQLite database {path!r}: directory {directory!r} is not writable "
+            "by this user; make it writable, or set CONFIG['path']"
+        ) from exc
+    except OSError as exc:
+        raise DriverError(
+            f"cannot open SQLite database {path!r}: {exc.strerror}; check the path, or set "
+            "CONFIG['path']"
+        ) from exc
+    os.close(fd)
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise DriverError(
+            f"directory {directory!r} of SQLite database {path!r} is not writable by this user; "
+            f"SQLite must create {os.path.basename(path)}-wal and -shm next to the database. "
+            "Make the directory writable, or set CONFIG['path']"
+        )

@@ -1,0 +1,216 @@
+"""Wake-up hints: notice commits by other connections to the database file.
+
+On Linux, inotify on the database's directory tells us within a fraction of a millisecond that
+the file or its ``-wal`` was written. Elsewhere (or when inotify is unavailable, e.g. the
+per-user instance limit is reached) a read-only connection polls ``PRAGMA data_version``.
+Both only *hint*: spurious calls are harmless and the core keeps a safety-net poll.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import ctypes
+import errno
+import functools
+import logging
+import os
+import sqlite3
+import struct
+import sys
+from collections.abc import Callable
+
+from channels_lite.drivers.base import DriverError
+from channels_lite.drivers.sqlite.connection import Connection
+
+__all__ = ["DataVersionPoller", "InotifyWatcher", "Watcher", "start_watcher"]
+
+logger = logging.getLogger("channels_lite.drivers.sqlite")
+
+_IN_MODIFY = 0x00000002
+_IN_CLOSE_WRITE = 0x00000008
+_IN_MOVED_TO = 0x00000080
+_IN_CREATE = 0x00000100
+_IN_Q_OVERFLOW = 0x00004000
+_IN_IGNORED = 0x00008000
+_IN_NONBLOCK = 0o0004000
+_IN_CLOEXEC = 0o2000000
+_WATCH_MASK = _IN_MODIFY | _IN_CLOSE_WRITE | _IN_MOVED_TO | _IN_CREATE
+_EVENT_HEADER = struct.Struct("iIII")  # wd, mask, cookie, len; then len bytes of name
+_READ_SIZE = 64 * 1024
+
+#: Poll period of the fallback. data_version is a cheap read of the WAL index.
+POLL_INTERVAL = 0.005
+
+
+class Watcher(abc.ABC):
+    """Something that calls ``on_change`` on the loop when the database may have changed."""
+
+    @abc.abstractmethod
+    async def stop(self) -> None:
+        """Stop watching and release the file descriptor, task or connection."""
+
+
+@functools.cache
+def _inotify() -> tuple[Callable[[int], int], Callable[[int, bytes, int], int]]:
+    """libc's inotify_init1 and inotify_add_watch, typed (AttributeError if absent)."""
+    # CDLL(None) is the already-loaded C library; find_library would spawn ldconfig.
+    libc = ctypes.CDLL(None, use_errno=True)
+    init1 = libc.inotify_init1
+    init1.argtypes = [ctypes.c_int]
+    init1.restype = ctypes.c_int
+    add_watch = libc.inotify_add_watch
+    add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
+    add_watch.restype = ctypes.c_int
+    return init1, add_watch
+
+
+def _check(result: int, doing: str) -> int:
+    if result < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"inotify {doing}: {os.strerror(err)}")
+    return result
+
+
+class InotifyWatcher(Watcher):
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, path: str, on_change: Callable[[], None]
+    ) -> None:
+        # SQLite resolves symlinks and keeps its -wal next to the real file: watch there.
+        directory, base = os.path.split(os.path.realpath(path))
+        # Commits land in the -wal file; checkpoints and non-WAL journaling write the file
+        # itself. The -shm file is written through mmap, which inotify never reports.
+        self._names = {os.fsencode(base), os.fsencode(f"{base}-wal")}
+        self._on_change = on_change
+        self._loop = loop
+        init1, add_watch = _inotify()
+        fd = _check(init1(_IN_NONBLOCK | _IN_CLOEXEC), "inotify_init1")
+        try:
+            # The directory, not the files: the -wal file comes and goes with connections.
+            _check(add_watch(fd, os.fsencode(directory), _WATCH_MASK), f"watching {directory!r}")
+            loop.add_reader(fd, self._readable)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd: int | None = fd
+
+    def _readable(self) -> None:
+        fd = self._fd
+        if fd is None:
+            return
+        relevant = False
+        # Drain everything pending so that a burst of commits costs one wake-up.
+        while True:
+            try:
+                data = os.read(fd, _READ_SIZE)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                logger.warning("reading inotify events failed: %s; stopping wake-ups", exc)
+                self._close_fd()
+                return
+            if not data:
+                break
+            relevant = self._scan(data) or relevant
+        if relevant:
+            self._on_change()
+
+    def _scan(self, data: bytes) -> bool:
+        relevant = False
+        offset = 0
+        while offset + _EVENT_HEADER.size <= len(data):
+            _, mask, _, length = _EVENT_HEADER.unpack_from(data, offset)
+            offset += _EVENT_HEADER.size
+            name = data[offset : offset + length].rstrip(b"\0")
+            offset += length
+            if mask & _IN_Q_OVERFLOW:
+                relevant = True  # events were lost: assume the worst
+            elif mask & _IN_IGNORED:
+                logger.warning("the database directory stopped being watched (removed?)")
+            elif name in self._names:
+                relevant = True
+        return relevant
+
+    def _close_fd(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        if not self._loop.is_closed():
+            self._loop.remove_reader(fd)
+        os.close(fd)
+
+    async def stop(self) -> None:
+        self._close_fd()
+
+
+class DataVersionPoller(Watcher):
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        path: str,
+        timeout: float,
+        on_change: Callable[[], None],
+    ) -> None:
+        self._conn = Connection(path, timeout=timeout, read_only=True)
+        self._on_change = on_change
+        #: Set once the first reading is taken: commits after this are noticed.
+        self.ready = asyncio.Event()
+        self._task = loop.create_task(
+            self._poll(), name=f"channels-lite data_version poll of {path}"
+        )
+
+    async def _poll(self) -> None:
+        def data_version(raw: sqlite3.Connection) -> int:
+            return int(raw.execute("PRAGMA data_version").fetchone()[0])
+
+        try:
+            await self._conn.open()
+            last = await self._conn.run(data_version, doing="polling for changes")
+            self.ready.set()
+            while True:
+                await asyncio.sleep(POLL_INTERVAL)
+                try:
+                    current = await self._conn.run(data_version, doing="polling for changes")
+                except DriverError as exc:
+                    # Wake-ups are only an optimisation; keep trying, slower.
+                    logger.warning("%s; retrying in 1 s", exc)
+                    await asyncio.sleep(1.0)
+                    continue
+                if current != last:
+                    last = current
+                    self._on_change()
+        except DriverError as exc:
+            logger.warning("change polling could not start: %s", exc)
+        finally:
+            await self._conn.close()
+
+    async def stop(self) -> None:
+        self._task.cancel()
+        # wait() rather than awaiting the task: our own caller's cancellation must still
+        # propagate, while the task's expected CancelledError must not.
+        await asyncio.wait({self._task})
+
+
+def start_watcher(
+    loop: asyncio.AbstractEventLoop,
+    path: str,
+    timeout: float,
+    on_change: Callable[[], None],
+) -> Watcher:
+    """The fastest watcher available here: inotify on Linux, else data_version polling."""
+    if sys.platform.startswith("linux"):
+        try:
+            return InotifyWatcher(loop, path, on_change)
+        except (OSError, AttributeError) as exc:
+            # AttributeError: a C library without inotify symbols.
+            if getattr(exc, "errno", None) in (errno.EMFILE, errno.ENOSPC):
+                logger.warning(
+                    "inotify limit reached (%s); polling %s for changes instead. Raise "
+                    "fs.inotify.max_user_instances / max_user_watches to restore instant "
+                    "wake-ups",
+                    exc,
+                    path,
+                )
+            else:
+                logger.debug("inotify unavailable (%s); polling data_version instead", exc)
+    return DataVersionPoller(loop, path, timeout, on_change)

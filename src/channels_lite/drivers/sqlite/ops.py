@@ -1,0 +1,246 @@
+"""Whole transactions, run inside the connection's worker thread (one hop each).
+
+Every function takes the raw ``sqlite3.Connection`` first and is all-or-nothing, because the
+caller retries it from scratch when the database is locked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from collections.abc import Sequence
+
+from channels_lite.drivers.base import Claimed, ClaimRequest, Envelope, StorageStats
+from channels_lite.drivers.sqlite.connection import immediate, snapshot
+from channels_lite.drivers.sqlite.schema import Tables, read_version
+
+__all__ = [
+    "claim",
+    "flush",
+    "group_add",
+    "group_channels",
+    "group_discard",
+    "has_claimable",
+    "heartbeat",
+    "purge",
+    "push",
+    "release",
+    "stats",
+]
+
+
+def push(
+    raw: sqlite3.Connection, t: Tables, envelopes: Sequence[Envelope], now: float
+) -> list[bool]:
+    count_sql = f"SELECT count(*) FROM {t.messages} WHERE channel = ? AND expires_at > ?"
+    insert_sql = f"INSERT INTO {t.messages} (channel, key, payload, expires_at) VALUES (?, ?, ?, ?)"
+    # Counted once per channel per batch, then tracked here: the write lock guarantees no
+    # one else changes the count until COMMIT.
+    live: dict[str, int] = {}
+    flags: list[bool] = []
+    with immediate(raw):
+        for env in envelopes:
+            held = live.get(env.channel)
+            if held is None:
+                held = raw.execute(count_sql, (env.channel, now)).fetchone()[0]
+            if held < env.capacity:
+                raw.execute(insert_sql, (env.channel, env.key, env.payload, env.expires_at))
+                if env.expires_at > now:
+                    held += 1
+                flags.append(True)
+            else:
+                flags.append(False)
+            live[env.channel] = held
+    return flags
+
+
+#: Above this many excluded channels, pass them as one JSON array rather than one SQL
+#: parameter each (SQLite caps the number of parameters of a statement).
+_MAX_INLINE_EXCLUDE = 500
+
+
+def _not_excluded(exclude: frozenset[str]) -> tuple[str, tuple[str, ...]]:
+    if not exclude:
+        return "", ()
+    names = tuple(sorted(exclude))
+    if len(names) > _MAX_INLINE_EXCLUDE:
+        return " AND channel NOT IN (SELECT value FROM json_each(?))", (json.dumps(names),)
+    return f" AND channel NOT IN ({', '.join('?' * len(names))})", names
+
+
+def has_claimable(raw: sqlite3.Connection, t: Tables, request: ClaimRequest, now: float) -> bool:
+    """A read outside any write transaction: is there anything for this request at all?
+
+    The core polls claims; most polls find nothing. Answering that from a WAL read snapshot
+    never waits for, or blocks, a writer in another process.
+    """
+    if request.limit <= 0:
+        return False
+    clause, names = _not_excluded(request.exclude)
+    row = raw.execute(
+        f"SELECT 1 FROM {t.messages} WHERE key = ? AND expires_at > ?{clause} LIMIT 1",
+        (request.key, now, *names),
+    ).fetchone()
+    return row is not None
+
+
+def claim(
+    raw: sqlite3.Connection,
+    t: Tables,
+    requests: Sequence[ClaimRequest],
+    now: float,
+    *,
+    precheck: bool = True,
+) -> list[Claimed]:
+    wanted = [
+        r for r in requests if r.limit > 0 and (not precheck or has_claimable(raw, t, r, now))
+    ]
+    if not wanted:
+        return []
+    claimed: list[Claimed] = []
+    with immediate(raw):
+        for request in wanted:
+            clause, names = _not_excluded(request.exclude)
+            rows = raw.execute(
+                f"DELETE FROM {t.messages} WHERE id IN ("
+                f"SELECT id FROM {t.messages} WHERE key = ? AND expires_at > ?{clause} "
+                "ORDER BY id LIMIT ?) RETURNING id, channel, key, payload, expires_at",
+                (request.key, now, *names, request.limit),
+            ).fetchall()
+            # SQLite does not promise any order for RETURNING rows.
+            rows.sort(key=lambda row: row[0])
+            claimed.extend(
+                Claimed(channel=channel, key=key, payload=bytes(payload), expires_at=expires_at)
+                for _, channel, key, payload, expires_at in rows
+            )
+    return claimed
+
+
+def group_add(
+    raw: sqlite3.Connection, t: Tables, group: str, channel: str, *, key: str, expires_at: float
+) -> None:
+    with immediate(raw):
+        raw.execute(
+            f"INSERT INTO {t.groups} (group_name, channel, key, expires_at) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (group_name, channel) DO UPDATE SET "
+            "key = excluded.key, expires_at = excluded.expires_at",
+            (group, channel, key, expires_at),
+        )
+
+
+def group_discard(raw: sqlite3.Connection, t: Tables, group: str, channel: str) -> None:
+    with immediate(raw):
+        raw.execute(
+            f"DELETE FROM {t.groups} WHERE group_name = ? AND channel = ?", (group, channel)
+        )
+
+
+def group_channels(raw: sqlite3.Connection, t: Tables, group: str, now: float) -> list[str]:
+    # (group_name, channel) is the primary key: each channel appears once already.
+    rows = raw.execute(
+        f"SELECT channel FROM {t.groups} WHERE group_name = ? AND expires_at > ? ORDER BY channel",
+        (group, now),
+    ).fetchall()
+    return [channel for (channel,) in rows]
+
+
+def purge(raw: sqlite3.Connection, t: Tables, now: float) -> int:
+    # Expired leases stay: heartbeat() must still find them to reap what their process left.
+    with immediate(raw):
+        removed = raw.execute(f"DELETE FROM {t.messages} WHERE expires_at <= ?", (now,)).rowcount
+        removed += raw.execute(f"DELETE FROM {t.groups} WHERE expires_at <= ?", (now,)).rowcount
+    return int(removed)
+
+
+def flush(raw: sqlite3.Connection, t: Tables) -> None:
+    with immediate(raw):
+        for table in (t.messages, t.groups, t.processes):
+            raw.execute(f"DELETE FROM {table}")
+
+
+def _drop_process(raw: sqlite3.Connection, t: Tables, key: str) -> None:
+    raw.execute(f"DELETE FROM {t.messages} WHERE key = ?", (key,))
+    raw.execute(f"DELETE FROM {t.groups} WHERE key = ?", (key,))
+    raw.execute(f"DELETE FROM {t.processes} WHERE key = ?", (key,))
+
+
+def heartbeat(
+    raw: sqlite3.Connection, t: Tables, process_key: str, expires_at: float, now: float
+) -> list[str]:
+    with immediate(raw):
+        raw.execute(
+            f"INSERT INTO {t.processes} (key, expires_at) VALUES (?, ?) "
+            "ON CONFLICT (key) DO UPDATE SET expires_at = excluded.expires_at",
+            (process_key, expires_at),
+        )
+        dead = [
+            key
+            for (key,) in raw.execute(
+                f"SELECT key FROM {t.processes} WHERE key != ? AND expires_at <= ? ORDER BY key",
+                (process_key, now),
+            ).fetchall()
+        ]
+        for key in dead:
+            _drop_process(raw, t, key)
+    return dead
+
+
+def release(raw: sqlite3.Connection, t: Tables, process_key: str) -> None:
+    with immediate(raw):
+        _drop_process(raw, t, process_key)
+
+
+def _file_size(path: str) -> int:
+    try:
+        return os.stat(path).st_size
+    except FileNotFoundError:
+        return 0
+
+
+def stats(raw: sqlite3.Connection, t: Tables, path: str, now: float, top: int) -> StorageStats:
+    def scalar(sql: str, *params: object) -> int:
+        return int(raw.execute(sql, params).fetchone()[0])
+
+    with snapshot(raw):
+        messages = scalar(f"SELECT count(*) FROM {t.messages} WHERE expires_at > ?", now)
+        expired = scalar(f"SELECT count(*) FROM {t.messages} WHERE expires_at <= ?", now)
+        processes = scalar(f"SELECT count(*) FROM {t.processes} WHERE expires_at > ?", now)
+        memberships = scalar(f"SELECT count(*) FROM {t.groups} WHERE expires_at > ?", now)
+        expired_memberships = scalar(f"SELECT count(*) FROM {t.groups} WHERE expires_at <= ?", now)
+        channels: dict[str, int] = {}
+        groups: dict[str, int] = {}
+        # LIMIT -1 would mean "no limit" to SQLite; top <= 0 asks for none.
+        if top > 0:
+            channels = dict(
+                raw.execute(
+                    f"SELECT channel, count(*) AS n FROM {t.messages} WHERE expires_at > ? "
+                    "GROUP BY channel ORDER BY n DESC, channel LIMIT ?",
+                    (now, top),
+                ).fetchall()
+            )
+            groups = dict(
+                raw.execute(
+                    f"SELECT group_name, count(*) AS n FROM {t.groups} WHERE expires_at > ? "
+                    "GROUP BY group_name ORDER BY n DESC, group_name LIMIT ?",
+                    (now, top),
+                ).fetchall()
+            )
+        version = read_version(raw, t)
+        journal_mode = str(raw.execute("PRAGMA journal_mode").fetchone()[0])
+    return StorageStats(
+        messages=messages,
+        expired_messages=expired,
+        channels=channels,
+        groups=groups,
+        processes=processes,
+        storage_bytes=_file_size(path) + _file_size(f"{path}-wal"),
+        extra={
+            "path": path,
+            "schema_version": version,
+            "sqlite_version": sqlite3.sqlite_version,
+            "journal_mode": journal_mode,
+            "memberships": memberships,
+            "expired_memberships": expired_memberships,
+        },
+    )

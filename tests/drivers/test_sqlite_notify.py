@@ -1,0 +1,206 @@
+"""Change notification of the SQLite driver: inotify on Linux, data_version polling elsewhere."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sqlite3
+import sys
+import threading
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from channels_lite.drivers.base import Envelope
+from channels_lite.drivers.sqlite import SQLiteDriver, notify
+
+NOW = 1_700_000_000.0
+GUARD = 5.0
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify is Linux")
+
+
+def commit_elsewhere(path: Path, channel: str = "c") -> None:
+    """A commit by a plain sqlite3 connection, as another process would make it."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute(
+            "INSERT INTO channels_lite_messages (channel, key, payload, expires_at) "
+            "VALUES (?, ?, ?, ?)",
+            (channel, channel, b"x", NOW + 60),
+        )
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "notify.sqlite3"
+
+
+@pytest.fixture
+async def driver(db_path: Path) -> AsyncIterator[SQLiteDriver]:
+    instance = SQLiteDriver(path=db_path)
+    await instance.open()
+    try:
+        yield instance
+    finally:
+        await instance.close()
+
+
+@pytest.fixture
+def force_polling(monkeypatch: pytest.MonkeyPatch) -> None:
+    def unavailable(*args: object, **kwargs: object) -> None:
+        raise OSError(24, "Too many open files (simulated)")
+
+    monkeypatch.setattr(notify, "InotifyWatcher", unavailable)
+
+
+def event_listener() -> tuple[asyncio.Event, Callable[[], None], list[int]]:
+    """An Event set by the listener, plus the thread ids it was called on."""
+    fired = asyncio.Event()
+    threads: list[int] = []
+
+    def listener() -> None:
+        threads.append(threading.get_ident())
+        fired.set()
+
+    return fired, listener, threads
+
+
+@linux_only
+async def test_inotify_fires_on_commit_by_another_connection(
+    driver: SQLiteDriver, db_path: Path
+) -> None:
+    fired, listener, threads = event_listener()
+    driver.add_change_listener(listener)
+    assert isinstance(driver._watcher, notify.InotifyWatcher)
+    commit_elsewhere(db_path)
+    await asyncio.wait_for(fired.wait(), GUARD)
+    assert set(threads) == {threading.get_ident()}, "listeners run on the driver's loop"
+    driver.remove_change_listener(listener)
+
+
+async def test_polling_fallback_fires_and_stops(
+    db_path: Path, force_polling: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    before = set(threading.enumerate())
+    caplog.set_level(logging.DEBUG, logger="channels_lite.drivers.sqlite")
+    instance = SQLiteDriver(path=db_path)
+    await instance.open()
+    fired, listener, threads = event_listener()
+    instance.add_change_listener(listener)
+    watcher = instance._watcher
+    assert isinstance(watcher, notify.DataVersionPoller)
+    assert "inotify limit reached" in caplog.text
+    assert "max_user_instances" in caplog.text
+    # The poller's first reading must be in place before the commit it should notice.
+    await asyncio.wait_for(watcher.ready.wait(), GUARD)
+    assert len(set(threading.enumerate()) - before) == 2  # driver's and poller's connections
+    commit_elsewhere(db_path)
+    await asyncio.wait_for(fired.wait(), GUARD)
+    assert set(threads) == {threading.get_ident()}
+    await instance.close()
+    assert set(threading.enumerate()) == before
+
+
+async def test_polling_sees_sibling_commits(
+    driver: SQLiteDriver, db_path: Path, force_polling: None
+) -> None:
+    fired, listener, _ = event_listener()
+    driver.add_change_listener(listener)
+    other = driver.sibling()
+    await other.open()
+    try:
+        for attempt in range(50):
+            await other.push(
+                [Envelope(channel="c", key="c", payload=b"x", expires_at=NOW + 60, capacity=99)],
+                NOW,
+            )
+            try:
+                await asyncio.wait_for(fired.wait(), 0.1)
+                break
+            except TimeoutError:
+                assert attempt < 49, "no notification after 50 commits"
+    finally:
+        await other.close()
+
+
+@linux_only
+async def test_listener_added_before_open(db_path: Path) -> None:
+    instance = SQLiteDriver(path=db_path)
+    fired, listener, _ = event_listener()
+    instance.add_change_listener(listener)
+    assert instance._watcher is None
+    await instance.open()
+    try:
+        assert instance._watcher is not None
+        commit_elsewhere(db_path)
+        await asyncio.wait_for(fired.wait(), GUARD)
+    finally:
+        await instance.close()
+    assert instance._watcher is None
+
+
+@linux_only
+async def test_watcher_stops_with_last_listener(driver: SQLiteDriver) -> None:
+    def open_fds() -> set[str]:
+        return set(os.listdir("/proc/self/fd"))
+
+    baseline = open_fds()
+    first, second = (lambda: None), (lambda: None)
+    driver.add_change_listener(first)
+    driver.add_change_listener(second)
+    assert len(open_fds() - baseline) == 1  # one inotify descriptor, however many listeners
+    driver.remove_change_listener(first)
+    assert driver._watcher is not None
+    driver.remove_change_listener(second)
+    driver.remove_change_listener(second)  # unknown listener: ignored
+    assert driver._watcher is None
+    await asyncio.sleep(0)  # the stop task runs on the loop
+    assert open_fds() - baseline == set()
+
+
+async def test_failing_listener_is_logged_and_others_still_run(
+    driver: SQLiteDriver, db_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken() -> None:
+        raise RuntimeError("listener bug")
+
+    fired, listener, _ = event_listener()
+    driver.add_change_listener(broken)
+    driver.add_change_listener(listener)
+    commit_elsewhere(db_path)
+    await asyncio.wait_for(fired.wait(), GUARD)
+    assert "listener bug" in caplog.text
+
+
+@linux_only
+async def test_unrelated_files_do_not_wake(driver: SQLiteDriver, db_path: Path) -> None:
+    fired, listener, _ = event_listener()
+    driver.add_change_listener(listener)
+    watcher = driver._watcher
+    assert isinstance(watcher, notify.InotifyWatcher)
+    for i in range(20):
+        (db_path.parent / f"noise-{i}.txt").write_text("x")
+    (db_path.parent / "notify.sqlite3-journal-not").write_text("x")
+    # The kernel queued those events as the writes happened; drain them now, synchronously.
+    watcher._readable()
+    assert not fired.is_set()
+    commit_elsewhere(db_path)
+    await asyncio.wait_for(fired.wait(), GUARD)
+
+
+@linux_only
+async def test_burst_of_commits_is_coalesced(driver: SQLiteDriver, db_path: Path) -> None:
+    calls: list[int] = []
+    done = asyncio.Event()
+    driver.add_change_listener(lambda: (calls.append(1), done.set()))
+    # Many commits while the loop is busy: their events are drained in one reader callback.
+    for _ in range(30):
+        commit_elsewhere(db_path)
+    await asyncio.wait_for(done.wait(), GUARD)
+    await asyncio.sleep(0)
+    assert len(calls) == 1
