@@ -33,8 +33,12 @@ class Inbox:
     its consumer reads again. One full channel therefore never stops the others' claims.
     """
 
-    def __init__(self, bound: Callable[[str], int]) -> None:
+    def __init__(self, bound: Callable[[str], int], orphan: Callable[[Claimed], None]) -> None:
         self._bound = bound
+        # Called (under the lock, on an event loop thread) with a normal-channel message whose
+        # receiver was cancelled and that no other receiver here waits for: it must go back to
+        # storage, where another process's reader can take it.
+        self._orphan = orphan
         self._lock = threading.Lock()
         self._buffers: dict[str, deque[Claimed]] = {}
         self._waiters: dict[str, deque[Waiter]] = {}
@@ -133,8 +137,14 @@ class Inbox:
                 if message.expires_at <= now:
                     self.dropped_expired += 1
                     continue
-                if not self._hand_to_waiter(message, loop):
+                if self._hand_to_waiter(message, loop):
+                    continue
+                if message.key.endswith("!"):
                     self._append(message)
+                else:
+                    # Its receiver left between the claim and now (a normal channel is claimed
+                    # one message per waiter): back to storage, for any process to take.
+                    self._orphan(message)
 
     def offer_local(self, message: Claimed, capacity: int, loop: asyncio.AbstractEventLoop) -> bool:
         """Deliver a message sent by this process to one of its own channels, bypassing
@@ -190,6 +200,9 @@ class Inbox:
                     continue
                 waiter.loop.call_soon_threadsafe(self._hand_over, waiter, message)
                 return
+        if not message.key.endswith("!"):
+            self._orphan(message)
+            return
         buffer = self._buffers.setdefault(message.channel, deque())
         buffer.appendleft(message)
         if len(buffer) >= self._bound(message.channel):

@@ -16,6 +16,7 @@ from ..drivers.base import (
     Claimed,
     Driver,
     DriverConfigError,
+    DriverError,
     Envelope,
     SupportsLiveness,
 )
@@ -42,6 +43,16 @@ _POLL_FLOOR_POLLED = 0.002
 #: How often a waiting receiver checks that a claim loop still serves it (its home loop may
 #: have stopped, e.g. an ``async_to_sync`` loop that finished).
 _CLAIMER_CHECK = 1.0
+#: Capacity for a message going back to storage: it was accepted once already.
+_UNBOUNDED = 2**62
+
+
+def _reraise_if_cancelled() -> None:
+    # Drivers may finish a call whose task was cancelled mid-flight, so that nothing is lost
+    # (Driver.push, Driver.claim); the cancellation is honoured here, once the result is safe.
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 class ChannelLayer(BaseChannelLayer):  # type: ignore[misc]
@@ -84,7 +95,8 @@ class ChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         self.client_id = naming.new_client_id()
         self._process_key = f"{self.client_id}!"
         self._made_channels = False
-        self._inbox = Inbox(settings.capacity.for_channel)
+        self._inbox = Inbox(settings.capacity.for_channel, self._orphan)
+        self._requeues: set[asyncio.Task[None]] = set()
         self._drivers = LoopDrivers(self._primary, self._on_loop_close)
         self._tasks_lock = threading.Lock()
         self._claimer: ClaimLoop | None = None
@@ -153,6 +165,7 @@ class ChannelLayer(BaseChannelLayer):  # type: ignore[misc]
             claimer.wake()
 
     async def _on_loop_close(self, loop: asyncio.AbstractEventLoop) -> None:
+        await self._settle_requeues(loop)
         claimer_moved = self._claimer is not None and self._claimer.loop is loop
         for task_owner in (self._claimer, self._upkeep):
             if task_owner is not None and task_owner.loop is loop:
@@ -167,6 +180,44 @@ class ChannelLayer(BaseChannelLayer):  # type: ignore[misc]
                 if other is not loop and other.is_running():
                     other.call_soon_threadsafe(self._adopt_claimer, other)
                     break
+
+    def _orphan(self, message: Claimed) -> None:
+        task = asyncio.get_running_loop().create_task(self._requeue(message))
+        self._requeues.add(task)
+        task.add_done_callback(self._requeues.discard)
+
+    async def _requeue(self, message: Claimed) -> None:
+        """Return a claimed normal-channel message to storage (its receiver was cancelled).
+
+        It goes to the back of its channel's queue. Capacity does not apply: the message was
+        accepted once. Drivers push cancellation-safely (a ``CancelledError`` means nothing was
+        stored), so a loop shutting down cannot make us lose or duplicate it.
+        """
+        envelope = Envelope(
+            message.channel, message.key, message.payload, message.expires_at, _UNBOUNDED
+        )
+        while True:
+            try:
+                driver = await self._drivers.state(asyncio.get_running_loop()).ready()
+                await driver.push([envelope], self._clock())
+            except asyncio.CancelledError:
+                continue
+            except DriverError:
+                logger.exception(
+                    "channels-lite: a message claimed for a cancelled receiver on %r could not "
+                    "be returned to storage and is lost",
+                    message.channel,
+                )
+                return
+            self._wake_for({message.key})
+            return
+
+    async def _settle_requeues(self, loop: asyncio.AbstractEventLoop | None) -> None:
+        pending = [t for t in self._requeues if loop is None or t.get_loop() is loop]
+        current = asyncio.get_running_loop()
+        for task in pending:
+            if task.get_loop() is current:
+                await asyncio.gather(task, return_exceptions=True)
 
     def _adopt_claimer(self, loop: asyncio.AbstractEventLoop) -> None:
         state = self._drivers.state(loop)
@@ -213,6 +264,7 @@ class ChannelLayer(BaseChannelLayer):  # type: ignore[misc]
             self.settings.capacity.for_channel(channel),
         )
         (stored,) = await driver.push([envelope], now)
+        _reraise_if_cancelled()
         if not stored:
             raise ChannelFull(f"channel {channel!r} is at capacity ({envelope.capacity})")
         self._wake_for({key})
@@ -307,6 +359,7 @@ class ChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         for start in range(0, len(envelopes), batch):
             flags = await driver.push(envelopes[start : start + batch], now)
             stored += sum(flags)
+            _reraise_if_cancelled()
         skipped = len(envelopes) - stored + local_full
         if skipped:
             logger.info(
@@ -330,6 +383,7 @@ class ChannelLayer(BaseChannelLayer):  # type: ignore[misc]
 
     async def close(self) -> None:
         """Stop background work and close every driver instance. The layer can be reused."""
+        await self._settle_requeues(asyncio.get_running_loop())
         for owner in (self._claimer, self._upkeep):
             if owner is not None:
                 owner.stop()

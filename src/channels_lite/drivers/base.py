@@ -188,8 +188,11 @@ class Driver(abc.ABC):
         - ``False`` means "channel full, nothing stored for this envelope"; it is not an error.
         - On :class:`DriverError` nothing of the batch may be half-stored in a way that delivers
           a message twice; storing none of it is the simple way to keep that.
-        - A push whose awaiting task is cancelled may or may not have stored its batch (as with
-          any request whose reply is lost); it is never stored twice.
+        - Cancellation-safe, like :meth:`claim`: if the awaiting task is cancelled while the
+          push is in flight, the driver either stored nothing and lets ``CancelledError``
+          through, or finishes and *returns* its flags (the core then re-raises the
+          cancellation). ``CancelledError`` therefore always means "nothing stored", so the core
+          can retry without duplicating.
         """
 
     @abc.abstractmethod

@@ -208,7 +208,9 @@ class SQLiteDriver(Driver):
             return []
         batch = tuple(envelopes)
         return await self._connection().run(
-            lambda raw: ops.push(raw, self.tables, batch, now), doing="storing messages"
+            lambda raw: ops.push(raw, self.tables, batch, now),
+            doing="storing messages",
+            finish_on_cancel=True,
         )
 
     async def claim(self, requests: Sequence[ClaimRequest], now: float) -> list[Claimed]:
