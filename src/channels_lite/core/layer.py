@@ -28,6 +28,7 @@ from .config import LayerConfig, default_sqlite_path, parse_config
 from .errors import ConfigurationError
 from .inbox import Inbox, Waiter
 from .loops import LoopDrivers
+from .ratelimit import RateLimitedLog
 from .receiver import ClaimLoop
 from .upkeep import Upkeep
 
@@ -107,6 +108,9 @@ class ChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         )
         self._poll = (_POLL_FLOOR_NOTIFIED if notified else _POLL_FLOOR_POLLED, ceiling)
         self._announced = False
+        # Per layer: a flood of undecodable messages or of full group members logs one line a
+        # minute per key, with the count of the lines held back.
+        self._log = RateLimitedLog(logger, interval=60.0)
         _layers.add(self)
 
     def __repr__(self) -> str:
@@ -118,7 +122,12 @@ class ChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         driver = await self._drivers.driver()
         if not self._announced:
             self._announced = True
-            logger.info("channels-lite: using %s", driver.describe())
+            logger.info(
+                "channels-lite: layer %s started on driver %r: %s",
+                self.client_id,
+                driver.name,
+                driver.describe(),
+            )
         self._ensure_upkeep(asyncio.get_running_loop(), driver)
         return driver
 
@@ -159,8 +168,7 @@ class ChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         claimer = self._claimer
         if claimer is None:
             return
-        for key in keys:
-            claimer.clean.discard(key)
+        claimer.stored(keys)
         if any(self._inbox.has_waiters(key) for key in keys):
             claimer.wake()
 
@@ -304,9 +312,13 @@ class ChannelLayer(BaseChannelLayer):  # type: ignore[misc]
                     check.cancel()
             try:
                 return self._codec.decode(claimed.payload)
-            except DecodeError:
-                logger.exception(
-                    "channels-lite: dropped a message on %r that could not be decoded", channel
+            except DecodeError as exc:
+                # A peer with another key or serializer makes every message fail: rate-limited.
+                self._log.error(
+                    ("decode", channel),
+                    "channels-lite: dropped a message on %r that could not be decoded: %s",
+                    channel,
+                    exc,
                 )
 
     async def new_channel(self, prefix: str = "specific") -> str:
@@ -362,7 +374,8 @@ class ChannelLayer(BaseChannelLayer):  # type: ignore[misc]
             _reraise_if_cancelled()
         skipped = len(envelopes) - stored + local_full
         if skipped:
-            logger.info(
+            self._log.info(
+                ("group_send", group),
                 "channels-lite: group_send to %r skipped %d of %d member(s) at capacity",
                 group,
                 skipped,

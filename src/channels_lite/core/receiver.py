@@ -10,16 +10,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
-from ..drivers.base import ChangeNotifier, Claimed, ClaimRequest, Driver
+from ..drivers.base import ChangeNotifier, Claimed, ClaimRequest, Driver, DriverError
 from .cadence import Backoff, Wakeup
 from .inbox import Inbox
+from .ratelimit import RateLimitedLog
 
 logger = logging.getLogger("channels_lite.core.receiver")
+#: DEBUG traces of every claim and wake-up would flood a busy process: one line a second.
+_trace = RateLimitedLog(logger, interval=1.0)
+#: A storage outage fails every claim round: one ERROR with traceback a minute.
+_failures = RateLimitedLog(logger, interval=60.0)
 
 #: Messages claimed per process key in one round.
 CLAIM_BATCH = 100
+#: Wait after a failed claim, doubling up to the ceiling while storage keeps failing.
+_RETRY_FIRST = 0.1
+_RETRY_CEILING = 5.0
 
 
 class ClaimLoop:
@@ -56,7 +64,18 @@ class ClaimLoop:
     def _on_change(self) -> None:
         self._generation += 1
         self.clean.clear()
+        _trace.debug("wake", "woken by a storage change notification")
         self.wakeup.set()
+
+    def stored(self, keys: Iterable[str]) -> None:
+        """This process just stored messages under ``keys`` (from any loop's thread).
+
+        A claim already in flight may have looked at storage before that push; bumping the
+        generation stops it from marking these keys clean when it returns empty-handed.
+        """
+        self._generation += 1
+        for key in keys:
+            self.clean.discard(key)
 
     def stop(self) -> None:
         self._stopping = True
@@ -74,6 +93,7 @@ class ClaimLoop:
                 notifier.remove_change_listener(self._on_change)
 
     async def _claim_forever(self, *, trust_clean: bool) -> None:
+        retry = _RETRY_FIRST
         while not self._stopping and self._is_current(self):
             self.wakeup.consume()
             requests = self.inbox.requests(CLAIM_BATCH)
@@ -86,9 +106,19 @@ class ClaimLoop:
             generation = self._generation
             # A driver absorbs a cancellation that arrives mid-claim and returns what it took
             # (see Driver.claim); it is re-raised here once those messages are in the inbox.
-            claimed = await self.driver.claim(requests, now)
+            try:
+                claimed = await self.driver.claim(requests, now)
+            except DriverError:
+                # Receivers keep waiting; the claim loop must outlive a storage outage.
+                _failures.exception("claim", "channels-lite: claiming messages failed; retrying")
+                await self.wakeup.wait(retry)
+                retry = min(retry * 2, _RETRY_CEILING)
+                continue
+            retry = _RETRY_FIRST
             if claimed:
-                logger.debug("claimed %d message(s) for %d key(s)", len(claimed), len(requests))
+                _trace.debug(
+                    "claim", "claimed %d message(s) for %d key(s)", len(claimed), len(requests)
+                )
                 self.inbox.deliver(claimed, now, self.loop)
                 self.backoff.reset()
             if trust_clean and generation == self._generation:

@@ -14,8 +14,11 @@ from collections.abc import Callable
 from ..drivers.base import Driver, DriverError, SupportsLiveness
 from .cadence import Wakeup
 from .inbox import Inbox
+from .ratelimit import RateLimitedLog
 
 logger = logging.getLogger("channels_lite.core.upkeep")
+#: A broken storage fails every round: one traceback per kind of failure every 5 minutes.
+_failures = RateLimitedLog(logger, interval=300.0)
 
 
 class Upkeep:
@@ -67,7 +70,9 @@ class Upkeep:
                 try:
                     dead = await liveness.heartbeat(key, now + self.process_timeout, now)
                 except DriverError:
-                    logger.exception("channels-lite: renewing the process lease failed")
+                    _failures.exception(
+                        "heartbeat", "channels-lite: renewing the process lease failed"
+                    )
                 else:
                     if dead:
                         logger.info(
@@ -78,7 +83,7 @@ class Upkeep:
                 try:
                     removed = await self.driver.purge(now)
                 except DriverError:
-                    logger.exception("channels-lite: purging expired data failed")
+                    _failures.exception("purge", "channels-lite: purging expired data failed")
                 else:
                     swept = self.inbox.sweep(now)
                     if removed or swept:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import functools
 import logging
+import os
 import random
 import sqlite3
 import threading
@@ -14,12 +17,24 @@ from urllib.parse import quote
 
 import aiosqlite
 
+from channels_lite.core.ratelimit import RateLimitedLog
 from channels_lite.drivers.base import DriverError
 from channels_lite.drivers.sqlite.errors import is_busy, storage_error
+from channels_lite.drivers.sqlite.files import prepare_file
 
-__all__ = ["Connection", "database_uri", "immediate", "snapshot"]
+__all__ = [
+    "Connection",
+    "FileReplaced",
+    "check_file",
+    "database_uri",
+    "file_identity",
+    "immediate",
+    "snapshot",
+]
 
 logger = logging.getLogger("channels_lite.drivers.sqlite")
+#: Under write contention every retry would log: one DEBUG line a second per file.
+_contention = RateLimitedLog(logger, interval=1.0)
 
 T = TypeVar("T")
 
@@ -29,6 +44,79 @@ BUSY_TIMEOUT_MS = 50
 _FIRST_BACKOFF = 0.001
 _MAX_BACKOFF = 0.05
 _THREAD_EXIT_WAIT = 2.0
+#: How many times one call may find its file replaced before giving up (a path that keeps
+#: being swapped under us is an operator's loop, not something to chase).
+_MAX_SWITCHES = 3
+
+#: ``(st_dev, st_ino)`` of a database file; ``None`` when nothing is at the path.
+Identity = tuple[int, int] | None
+#: A stat that failed for another reason than "missing" (e.g. the directory lost its x bit):
+#: unknown, so never taken as proof of a replacement.
+_UNKNOWN = (-1, -1)
+
+
+class FileReplaced(Exception):
+    """The database path no longer names the file this connection has open.
+
+    Someone deleted the file (``rm``) or put another one in its place (``mv``, a restore)
+    while processes were using it. Raised inside the worker thread only; :class:`Connection`
+    handles it by moving to the file now at the path.
+    """
+
+
+class _Raw(sqlite3.Connection):
+    """A ``sqlite3.Connection`` carrying the check of its own file's identity."""
+
+    guard: Callable[[], None] | None = None
+
+
+def file_identity(path: str) -> Identity:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return _UNKNOWN
+    return st.st_dev, st.st_ino
+
+
+def check_file(raw: sqlite3.Connection) -> None:
+    """Raise :class:`FileReplaced` if ``raw``'s database file is no longer at its path.
+
+    Write transactions call it after ``BEGIN IMMEDIATE`` (see :func:`immediate`), reads after
+    reading: either way, any row another process moves out of a deleted file happens after
+    our check, so it sees what we wrote, and what we read was not yet moved.
+    """
+    guard = getattr(raw, "guard", None)
+    if guard is not None:
+        guard()
+
+
+def _same_file(path: str, identity: Identity) -> None:
+    current = file_identity(path)
+    if current not in (identity, _UNKNOWN):
+        raise FileReplaced(path)
+
+
+#: Connections to deleted files, kept open until the process exits (see _keep_open_forever).
+_ORPHANS: list[sqlite3.Connection] = []
+
+
+def _keep_open_forever(raw: sqlite3.Connection) -> None:
+    """Never close ``raw``, a connection to a file that was deleted or replaced.
+
+    When the last connection to a WAL database closes, SQLite checkpoints and deletes
+    ``<path>-wal`` and ``<path>-shm`` *by name*: after a deletion those names belong to the
+    new database at the path, whose live files would vanish under its users (SQLite's
+    "unlinking a database while in use" corruption). Python's sqlite3 cannot set
+    ``SQLITE_FCNTL_PERSIST_WAL`` or ``SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE`` on 3.11, so the
+    connection is leaked on purpose: an extra reference keeps even interpreter shutdown from
+    closing it; the kernel releases its file descriptors when the process exits.
+    """
+    if isinstance(raw, _Raw):
+        raw.guard = None
+    _ORPHANS.append(raw)
+    ctypes.pythonapi.Py_IncRef(ctypes.py_object(raw))
 
 
 async def _in_worker(conn: aiosqlite.Connection, fn: Callable[[], T]) -> T:
@@ -93,6 +181,13 @@ class Connection:
 
     ``run(fn)`` calls ``fn(raw_sqlite3_connection)`` in that thread. The raw connection is in
     autocommit mode (``isolation_level=None``): ``fn`` manages its own transactions.
+
+    With ``adopt``, the connection also watches its file's identity (device and inode). When
+    the file at ``path`` turns out to be another one, or none (deleted, replaced), it logs an
+    ERROR, opens the file now at the path (creating it, owner-only, if missing), calls
+    ``adopt(old_raw, new_raw)`` to move what the old file still holds, and carries on there.
+    Without this, processes that had the old file open would keep using it, unseen by every
+    process started since: a silent split in two.
     """
 
     def __init__(
@@ -102,32 +197,128 @@ class Connection:
         timeout: float,
         pragmas: tuple[str, ...] = (),
         read_only: bool = False,
+        adopt: Callable[[sqlite3.Connection, sqlite3.Connection], str] | None = None,
+        on_switch: Callable[[], object] | None = None,
     ) -> None:
         self.path = path
         self.timeout = timeout
         self._pragmas = pragmas
         self._read_only = read_only
+        self._adopt = adopt
+        self._on_switch = on_switch
         self._aconn: aiosqlite.Connection | None = None
         self._raw: sqlite3.Connection | None = None
         self._thread: threading.Thread | None = None
+        self._identity: Identity = None
+        #: How many times this connection moved to a new file at its path.
+        self.switches = 0
+        self._switch_failing = False
+
+    def _open_raw(self) -> sqlite3.Connection:
+        """Connect to ``path`` (worker thread); note the identity of the file connected to."""
+        for _ in range(_MAX_SWITCHES):
+            before = file_identity(self.path)
+            raw = sqlite3.connect(
+                database_uri(self.path, read_only=self._read_only),
+                uri=True,
+                isolation_level=None,
+                timeout=min(BUSY_TIMEOUT_MS / 1000, self.timeout),
+                factory=_Raw,
+            )
+            try:
+                for pragma in self._pragmas:
+                    raw.execute(pragma).fetchall()
+            except BaseException:
+                raw.close()
+                raise
+            # The same file before and after connecting: that is the file we have open.
+            if before == file_identity(self.path) or self._adopt is None:
+                break
+            raw.close()
+        else:
+            raise DriverError(
+                f"SQLite database {self.path!r} keeps being replaced while channels-lite "
+                "opens it; stop whatever is rewriting the file"
+            )
+        if self._adopt is not None:
+            assert isinstance(raw, _Raw)
+            raw.guard = functools.partial(_same_file, self.path, before)
+        self._identity = before
+        return raw
 
     def _connect(self) -> sqlite3.Connection:
         # Runs in the worker thread, which is how we learn which thread to join on close.
         self._thread = threading.current_thread()
-        raw = sqlite3.connect(
-            database_uri(self.path, read_only=self._read_only),
-            uri=True,
-            isolation_level=None,
-            timeout=min(BUSY_TIMEOUT_MS / 1000, self.timeout),
-        )
-        try:
-            for pragma in self._pragmas:
-                raw.execute(pragma).fetchall()
-        except BaseException:
-            raw.close()
-            raise
+        raw = self._open_raw()
         self._raw = raw
         return raw
+
+    def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` on the current raw connection (worker thread), following the file."""
+        for _ in range(_MAX_SWITCHES):
+            raw = self._raw
+            if raw is None:
+                raise DriverError(f"the SQLite connection to {self.path!r} was closed")
+            try:
+                return fn(raw)
+            except FileReplaced:
+                self._switch(raw)
+        raise DriverError(
+            f"SQLite database {self.path!r} keeps being replaced while in use; stop whatever "
+            "is deleting or rewriting the file"
+        )
+
+    def _switch(self, old: sqlite3.Connection) -> None:
+        """Move from ``old`` (a deleted or replaced file) to the file now at the path."""
+        assert self._adopt is not None
+        guard = getattr(old, "guard", None)
+        if isinstance(old, _Raw):
+            old.guard = None  # adopt() runs transactions on the old file
+        try:
+            prepare_file(self.path)
+            new = self._open_raw()
+            try:
+                summary = self._adopt(old, new)
+            except BaseException:
+                new.close()
+                raise
+        except BaseException as exc:
+            if isinstance(old, _Raw):
+                old.guard = guard
+            if not self._switch_failing and not is_busy(exc):
+                self._switch_failing = True
+                logger.error(  # noqa: TRY400 - the cause is in the message; no traceback
+                    "SQLite database %s was deleted or replaced while this process had it "
+                    "open, and channels-lite cannot move to the file now at that path (%s). "
+                    "Restore the file or its directory, or stop every process using it and "
+                    "restart them",
+                    self.path,
+                    exc,
+                )
+            if isinstance(exc, DriverError):
+                raise DriverError(
+                    f"SQLite database {self.path!r} was deleted or replaced while in use, and "
+                    f"a new one cannot be opened there: {exc}"
+                ) from exc
+            raise
+        self._switch_failing = False
+        aconn = self._aconn
+        if aconn is not None:
+            # aiosqlite closes its ``_connection`` on close(): make that the live one.
+            aconn._connection = new
+        self._raw = new
+        self.switches += 1
+        _keep_open_forever(old)
+        logger.error(
+            "SQLite database %s was deleted or replaced while this process had it open. "
+            "channels-lite moved to the file now at that path and carried over what the old "
+            "file still held (%s). Deleting the database of running processes does not reset "
+            "channels-lite: to start afresh, stop every process first, or call flush()",
+            self.path,
+            summary,
+        )
+        if self._on_switch is not None:
+            self._on_switch()
 
     async def open(self) -> None:
         if self._aconn is not None:
@@ -147,15 +338,35 @@ class Connection:
 
     async def close(self) -> None:
         aconn, self._aconn = self._aconn, None
-        self._raw = None
+        raw, self._raw = self._raw, None
         if aconn is None:
             return
         try:
-            await aconn.close()
+            if raw is not None and self._adopt is not None and self._replaced(raw):
+                # See _keep_open_forever: closing it could delete the new file's -wal/-shm.
+                logger.error(
+                    "SQLite database %s was deleted or replaced while this process had it "
+                    "open; its connection is left open until the process exits",
+                    self.path,
+                )
+                _keep_open_forever(raw)
+                aconn._connection = None  # aiosqlite then only stops its thread
+                stopped = aconn.stop()
+                if stopped is not None:
+                    await stopped
+            else:
+                await aconn.close()
         except sqlite3.Error as exc:
             logger.warning("closing SQLite connection to %s failed: %s", self.path, exc)
         finally:
             self._join_thread()
+
+    def _replaced(self, raw: sqlite3.Connection) -> bool:
+        try:
+            check_file(raw)
+        except FileReplaced:
+            return True
+        return False
 
     def _join_thread(self) -> None:
         thread, self._thread = self._thread, None
@@ -187,17 +398,18 @@ class Connection:
         backoff = _FIRST_BACKOFF
         attempts = 0
         while True:
-            aconn, raw = self._aconn, self._raw
-            if aconn is None or raw is None:
+            aconn = self._aconn
+            if aconn is None or self._raw is None:
                 raise DriverError(
                     f"the SQLite driver for {self.path!r} is not open; call open() first "
                     "(or it was closed)"
                 )
             attempts += 1
             try:
+                call = functools.partial(self._call, fn)
                 if finish_on_cancel:
-                    return await _in_worker_finishing(aconn, _bind(fn, raw))
-                return await _in_worker(aconn, _bind(fn, raw))
+                    return await _in_worker_finishing(aconn, call)
+                return await _in_worker(aconn, call)
             except sqlite3.Error as exc:
                 if not is_busy(exc):
                     raise storage_error(exc, self.path, doing) from exc
@@ -211,8 +423,12 @@ class Connection:
                     ) from exc
                 # Jitter keeps competing processes from retrying in lockstep.
                 delay = min(backoff * (0.5 + random.random()), remaining)
-                logger.debug(
-                    "%s is locked while %s; retrying in %.1f ms", self.path, doing, delay * 1e3
+                _contention.debug(
+                    ("locked", self.path),
+                    "%s is locked while %s; retrying in %.1f ms",
+                    self.path,
+                    doing,
+                    delay * 1e3,
                 )
                 await asyncio.sleep(delay)
                 backoff = min(backoff * 2, _MAX_BACKOFF)
@@ -225,13 +441,6 @@ class Connection:
                 ) from exc
 
 
-def _bind(fn: Callable[[sqlite3.Connection], T], raw: sqlite3.Connection) -> Callable[[], T]:
-    def call() -> T:
-        return fn(raw)
-
-    return call
-
-
 @contextlib.contextmanager
 def immediate(raw: sqlite3.Connection) -> Iterator[None]:
     """A write transaction: take the write lock up front, commit, or roll back on any error.
@@ -242,6 +451,7 @@ def immediate(raw: sqlite3.Connection) -> Iterator[None]:
     """
     raw.execute("BEGIN IMMEDIATE")
     try:
+        check_file(raw)
         yield
     except BaseException:
         if raw.in_transaction:

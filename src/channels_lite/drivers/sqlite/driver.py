@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import os
@@ -24,7 +25,7 @@ from channels_lite.drivers.base import (
 from channels_lite.drivers.sqlite import ops
 from channels_lite.drivers.sqlite.connection import Connection
 from channels_lite.drivers.sqlite.files import default_path, prepare_file
-from channels_lite.drivers.sqlite.notify import Watcher, start_watcher
+from channels_lite.drivers.sqlite.notify import DataVersionPoller, Watcher, start_watcher
 from channels_lite.drivers.sqlite.schema import Tables, prepare
 
 __all__ = ["SQLiteDriver"]
@@ -37,6 +38,10 @@ _SYNCHRONOUS = ("NORMAL", "FULL", "OFF")
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 #: Bound the -wal file after a burst; without it the file keeps its peak size forever.
 _JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024
+
+#: (path, process key) pairs this process holds a lease for: a renewal that finds its own
+#: lease gone tells the process it was taken for dead (see SQLiteDriver.heartbeat).
+_LEASED: set[tuple[str, str]] = set()
 
 
 def _check_path(value: Any) -> str:
@@ -161,6 +166,7 @@ class SQLiteDriver(Driver):
                     "pysqlite3-binary and make it the sqlite3 module"
                 )
             prepare_file(self.path)
+            loop = asyncio.get_running_loop()
             conn = Connection(
                 self.path,
                 timeout=self.timeout,
@@ -168,6 +174,8 @@ class SQLiteDriver(Driver):
                     f"PRAGMA synchronous = {self.synchronous}",
                     f"PRAGMA journal_size_limit = {_JOURNAL_SIZE_LIMIT}",
                 ),
+                adopt=lambda old, new: ops.adopt(old, new, self.tables, self.path),
+                on_switch=functools.partial(loop.call_soon_threadsafe, self._file_switched),
             )
             await conn.open()
             try:
@@ -255,16 +263,39 @@ class SQLiteDriver(Driver):
     # -- SupportsLiveness --------------------------------------------------------------------
 
     async def heartbeat(self, process_key: str, expires_at: float, now: float) -> list[str]:
-        return await self._connection().run(
+        dead, previous = await self._connection().run(
             lambda raw: ops.heartbeat(raw, self.tables, process_key, expires_at, now),
             doing="renewing the process lease",
         )
+        leased = (self.path, process_key)
+        if leased in _LEASED and previous is None:
+            logger.error(
+                "channels-lite: the lease of this process (%s) in %s was gone when renewed: "
+                "another process took this one for dead (no renewal for process_timeout: "
+                "its event loop was blocked, or it was suspended) and removed its channels' "
+                "group memberships and queued messages, or flush() ran. Consumers that "
+                "joined groups must join again (reconnect); raise process_timeout if event "
+                "loops here block for long",
+                process_key,
+                self.path,
+            )
+        elif previous is not None and previous <= now:
+            logger.warning(
+                "channels-lite: the lease of this process (%s) in %s had lapsed %.1f s ago "
+                "before it was renewed (event loop blocked?); nothing was removed yet",
+                process_key,
+                self.path,
+                now - previous,
+            )
+        _LEASED.add(leased)
+        return dead
 
     async def release(self, process_key: str) -> None:
         await self._connection().run(
             lambda raw: ops.release(raw, self.tables, process_key),
             doing="releasing the process lease",
         )
+        _LEASED.discard((self.path, process_key))
 
     # -- SupportsStats -----------------------------------------------------------------------
 
@@ -297,6 +328,17 @@ class SQLiteDriver(Driver):
         if self._loop is None:
             return
         self._watcher = start_watcher(self._loop, self.path, self.timeout, self._changed)
+
+    def _file_switched(self) -> None:
+        """The connection moved to a new file at the path: re-aim a data_version poller
+        (an inotify watcher watches the directory and needs nothing)."""
+        if isinstance(self._watcher, DataVersionPoller) and self._listeners:
+            old, self._watcher = self._watcher, None
+            task = asyncio.get_running_loop().create_task(old.stop())
+            self._stopping.add(task)
+            task.add_done_callback(self._stopping.discard)
+            self._start_watcher()
+        self._changed()  # the new file may hold messages nobody was told about
 
     def _changed(self) -> None:
         for callback in tuple(self._listeners):

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 from channels_lite.drivers.base import DriverError
 
 __all__ = ["DEFAULT_FILENAME", "default_path", "prepare_file"]
+
+logger = logging.getLogger("channels_lite.drivers.sqlite")
+
+#: Files SQLite keeps next to a database. Left behind by a deleted database, they must not
+#: meet a new file at the same path: SQLite would share the old ``-shm`` index (and replay
+#: an old ``-journal``) with it, and report the new database as malformed or corrupt it.
+_COMPANIONS = ("-wal", "-shm", "-journal")
 
 DEFAULT_FILENAME = "channels-lite.sqlite3"
 
@@ -36,6 +44,8 @@ def prepare_file(path: str) -> None:
             f"e.g. {suggestion!r}"
         )
     existed = os.path.exists(path)
+    if not existed:
+        _remove_orphaned_companions(path)
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
     except PermissionError as exc:
@@ -59,4 +69,35 @@ def prepare_file(path: str) -> None:
             f"directory {directory!r} of SQLite database {path!r} is not writable by this user; "
             f"SQLite must create {os.path.basename(path)}-wal and -shm next to the database. "
             "Make the directory writable, or set CONFIG['path']"
+        )
+
+
+def _remove_orphaned_companions(path: str) -> None:
+    """Remove ``-wal``/``-shm``/``-journal`` files whose database file is gone.
+
+    A database file never disappears by SQLite's doing; companions without it were left by
+    someone deleting the database (often while processes still had it open; they keep their
+    own descriptors, so unlinking the names takes nothing from them).
+    """
+    for suffix in _COMPANIONS:
+        stale = path + suffix
+        # Checked again right before each unlink: another process may have just created
+        # the database, and then these names are its own.
+        if os.path.exists(path) or not os.path.lexists(stale):
+            continue
+        try:
+            os.unlink(stale)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise DriverError(
+                f"SQLite database {path!r} is missing but {stale!r}, left by a deleted "
+                f"database, is still there and cannot be removed ({exc.strerror}); remove it "
+                "by hand, it must not be used with a new database file"
+            ) from exc
+        logger.warning(
+            "removed %s: its database file %s was deleted, and SQLite must not use it with "
+            "the new database created at that path",
+            stale,
+            path,
         )

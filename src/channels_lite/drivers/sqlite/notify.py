@@ -20,12 +20,15 @@ import struct
 import sys
 from collections.abc import Callable
 
+from channels_lite.core.ratelimit import RateLimitedLog
 from channels_lite.drivers.base import DriverError
 from channels_lite.drivers.sqlite.connection import Connection
 
 __all__ = ["DataVersionPoller", "InotifyWatcher", "Watcher", "start_watcher"]
 
 logger = logging.getLogger("channels_lite.drivers.sqlite")
+#: The data_version poll fails every second while the file is unreadable: one line a minute.
+_warnings = RateLimitedLog(logger, interval=60.0)
 
 _IN_MODIFY = 0x00000002
 _IN_CLOSE_WRITE = 0x00000008
@@ -173,7 +176,7 @@ class DataVersionPoller(Watcher):
                     current = await self._conn.run(data_version, doing="polling for changes")
                 except DriverError as exc:
                     # Wake-ups are only an optimisation; keep trying, slower.
-                    logger.warning("%s; retrying in 1 s", exc)
+                    _warnings.warning("poll", "%s; retrying in 1 s", exc)
                     await asyncio.sleep(1.0)
                     continue
                 if current != last:

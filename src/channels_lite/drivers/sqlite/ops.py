@@ -12,10 +12,11 @@ import sqlite3
 from collections.abc import Sequence
 
 from channels_lite.drivers.base import Claimed, ClaimRequest, Envelope, StorageStats
-from channels_lite.drivers.sqlite.connection import immediate, snapshot
-from channels_lite.drivers.sqlite.schema import Tables, read_version
+from channels_lite.drivers.sqlite.connection import check_file, immediate, snapshot
+from channels_lite.drivers.sqlite.schema import Tables, prepare, read_version
 
 __all__ = [
+    "adopt",
     "claim",
     "flush",
     "group_add",
@@ -97,6 +98,8 @@ def claim(
         r for r in requests if r.limit > 0 and (not precheck or has_claimable(raw, t, r, now))
     ]
     if not wanted:
+        # Nothing to claim in this file: make sure it is still the file at the path.
+        check_file(raw)
         return []
     claimed: list[Claimed] = []
     with immediate(raw):
@@ -142,6 +145,7 @@ def group_channels(raw: sqlite3.Connection, t: Tables, group: str, now: float) -
         f"SELECT channel FROM {t.groups} WHERE group_name = ? AND expires_at > ? ORDER BY channel",
         (group, now),
     ).fetchall()
+    check_file(raw)
     return [channel for (channel,) in rows]
 
 
@@ -167,8 +171,12 @@ def _drop_process(raw: sqlite3.Connection, t: Tables, key: str) -> None:
 
 def heartbeat(
     raw: sqlite3.Connection, t: Tables, process_key: str, expires_at: float, now: float
-) -> list[str]:
+) -> tuple[list[str], float | None]:
+    """Renew the lease and reap; also return the lease's previous ``expires_at`` (or None)."""
     with immediate(raw):
+        row = raw.execute(
+            f"SELECT expires_at FROM {t.processes} WHERE key = ?", (process_key,)
+        ).fetchone()
         raw.execute(
             f"INSERT INTO {t.processes} (key, expires_at) VALUES (?, ?) "
             "ON CONFLICT (key) DO UPDATE SET expires_at = excluded.expires_at",
@@ -183,12 +191,67 @@ def heartbeat(
         ]
         for key in dead:
             _drop_process(raw, t, key)
-    return dead
+    return dead, None if row is None else float(row[0])
 
 
 def release(raw: sqlite3.Connection, t: Tables, process_key: str) -> None:
     with immediate(raw):
         _drop_process(raw, t, process_key)
+
+
+def adopt(old: sqlite3.Connection, new: sqlite3.Connection, t: Tables, path: str) -> str:
+    """Move every row of ``old`` (a deleted or replaced file) into ``new`` (the file now at
+    ``path``); return a summary for the log.
+
+    The write lock of the old file is held throughout, so every other process that still has
+    it open either committed before (and its rows move now) or finds the file gone when it
+    takes the lock (and moves itself). New ids put moved messages after what the new file
+    already holds; per key, their order is kept.
+    """
+    prepare(new, t, path)
+    old.execute("BEGIN IMMEDIATE")
+    try:
+        if read_version(old, t) is None:
+            messages: list[tuple[object, ...]] = []
+            groups: list[tuple[object, ...]] = []
+            leases: list[tuple[object, ...]] = []
+        else:
+            messages = old.execute(
+                f"SELECT channel, key, payload, expires_at FROM {t.messages} ORDER BY id"
+            ).fetchall()
+            groups = old.execute(
+                f"SELECT group_name, channel, key, expires_at FROM {t.groups}"
+            ).fetchall()
+            leases = old.execute(f"SELECT key, expires_at FROM {t.processes}").fetchall()
+        if messages or groups or leases:
+            with immediate(new):
+                new.executemany(
+                    f"INSERT INTO {t.messages} (channel, key, payload, expires_at) "
+                    "VALUES (?, ?, ?, ?)",
+                    messages,
+                )
+                new.executemany(
+                    f"INSERT INTO {t.groups} (group_name, channel, key, expires_at) "
+                    "VALUES (?, ?, ?, ?) ON CONFLICT (group_name, channel) DO UPDATE SET "
+                    "key = excluded.key, expires_at = max(expires_at, excluded.expires_at)",
+                    groups,
+                )
+                new.executemany(
+                    f"INSERT INTO {t.processes} (key, expires_at) VALUES (?, ?) "
+                    "ON CONFLICT (key) DO UPDATE SET "
+                    "expires_at = max(expires_at, excluded.expires_at)",
+                    leases,
+                )
+            # A crash between the two commits leaves the rows in both files; the next
+            # process to find the old file gone would move them again (a double fault).
+            for table in (t.messages, t.groups, t.processes):
+                old.execute(f"DELETE FROM {table}")
+        old.execute("COMMIT")
+    except BaseException:
+        if old.in_transaction:
+            old.execute("ROLLBACK")
+        raise
+    return f"{len(messages)} message(s), {len(groups)} membership(s), {len(leases)} lease(s)"
 
 
 def _file_size(path: str) -> int:
@@ -228,6 +291,7 @@ def stats(raw: sqlite3.Connection, t: Tables, path: str, now: float, top: int) -
             )
         version = read_version(raw, t)
         journal_mode = str(raw.execute("PRAGMA journal_mode").fetchone()[0])
+    check_file(raw)
     return StorageStats(
         messages=messages,
         expired_messages=expired,

@@ -1,0 +1,374 @@
+"""PostgresDriver: the same layer across machines, on a PostgreSQL server users already run.
+
+Why psycopg 3 (async, with psycopg_pool) rather than asyncpg:
+
+- Django's own PostgreSQL backend uses psycopg 3, so the extra usually adds nothing new to an
+  install, and a Django ``DATABASES`` entry (including its ``OPTIONS``: sslmode, service,
+  passfile...) maps onto libpq's connection parameters one to one.
+- libpq underneath means every connection string, ``PG*`` environment variable, ``.pgpass``
+  and ``pg_service.conf`` users already rely on just works; asyncpg reimplements the protocol
+  and supports a subset of those.
+- Pipeline mode lets one push send "take the capacity locks" and "count, insert, notify" as
+  two statements of one implicit transaction in a single network round trip.
+- psycopg_pool reconnects after server restarts by itself; asyncpg's raw speed advantage is in
+  decoding large result sets, which a channel layer does not have.
+
+What lives where: :mod:`.options` (option checks, DSN or Django alias), :mod:`.schema` (tables
+and their version), :mod:`.ops` (the statements), :mod:`.pool` (connections, retries,
+cancellation), :mod:`.wakeups` (LISTEN/NOTIFY). This module imports none of them, nor
+psycopg, until the driver is constructed, so that installs without the ``postgres`` extra can
+still register and list the driver.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from channels_lite.drivers.base import (
+    Claimed,
+    ClaimRequest,
+    Driver,
+    DriverConfigError,
+    DriverError,
+    DriverFeatures,
+    Envelope,
+    StorageStats,
+)
+from channels_lite.drivers.postgres.options import (
+    LONGEST_SUFFIX,
+    Target,
+    check_database,
+    check_dsn,
+    check_identifier,
+    check_pool_sizes,
+    check_timeout,
+    require_psycopg,
+)
+
+if TYPE_CHECKING:
+    from channels_lite.drivers.postgres.ops import Statements
+    from channels_lite.drivers.postgres.pool import Pool
+    from channels_lite.drivers.postgres.wakeups import Listener
+
+__all__ = ["PostgresDriver"]
+
+logger = logging.getLogger("channels_lite.drivers.postgres")
+
+#: Tables already created or checked by this process: siblings (one per event loop, some of
+#: them short-lived async_to_sync loops) skip the extra connection and round trips.
+_PREPARED: set[tuple[str, str]] = set()
+
+
+class PostgresDriver(Driver):
+    """Messages and groups in PostgreSQL tables; wake-ups by targeted LISTEN/NOTIFY."""
+
+    name: ClassVar[str] = "postgres"
+    features: ClassVar[DriverFeatures] = DriverFeatures(
+        cross_process=True, persistent=True, max_batch=1000
+    )
+    option_docs: ClassVar[Mapping[str, str]] = {
+        "dsn": "libpq connection string or URI, e.g. 'postgresql://user:pw@host:5432/db' "
+        "(or give 'database')",
+        "database": "alias of a Django DATABASES entry whose HOST, PORT, NAME, USER, PASSWORD "
+        "and OPTIONS are reused (read when the layer first connects)",
+        "schema": "schema of the tables, created if missing (default 'public')",
+        "table_prefix": "prefix of the table names (default 'channels_lite_')",
+        "pool_min": "connections each event loop's pool keeps open (default 1)",
+        "pool_max": "most connections per event loop's pool (default 10)",
+        "timeout": "seconds to wait for a connection or a restarting server, and to retry "
+        "transient errors, before raising (default 10.0)",
+    }
+
+    def __init__(
+        self,
+        *,
+        dsn: str | None = None,
+        database: str | None = None,
+        schema: str = "public",
+        table_prefix: str = "channels_lite_",
+        pool_min: int = 1,
+        pool_max: int = 10,
+        timeout: float = 10.0,
+        **options: Any,
+    ) -> None:
+        # Unknown options first (the base class), then psycopg, then each value.
+        Driver.__init__(self, **options)
+        require_psycopg()
+        if dsn is not None and database is not None:
+            raise DriverConfigError(
+                "database",
+                "give either 'dsn' or 'database' (a Django DATABASES alias), not both",
+            )
+        if dsn is None and database is None:
+            raise DriverConfigError(
+                "dsn",
+                "the postgres driver needs 'dsn' (e.g. 'postgresql://user:password@host:5432/"
+                "dbname') or 'database' (a Django DATABASES alias, e.g. 'default')",
+            )
+        checked: dict[str, Any] = {}
+        if dsn is not None:
+            checked["dsn"] = check_dsn(dsn)
+        if database is not None:
+            checked["database"] = check_database(database)
+        checked["schema"] = check_identifier("schema", schema)
+        checked["table_prefix"] = check_identifier(
+            "table_prefix", table_prefix, room=len(LONGEST_SUFFIX)
+        )
+        checked["pool_min"], checked["pool_max"] = check_pool_sizes(pool_min, pool_max)
+        checked["timeout"] = check_timeout(timeout)
+        super().__init__(**checked)
+        self.dsn: str | None = checked.get("dsn")
+        self.database: str | None = checked.get("database")
+        self.schema: str = checked["schema"]
+        self.table_prefix: str = checked["table_prefix"]
+        self.pool_min: int = checked["pool_min"]
+        self.pool_max: int = checked["pool_max"]
+        self.timeout: float = checked["timeout"]
+        self.target: Target | None = None
+        self._pool: Pool | None = None
+        self._ops: Statements | None = None
+        self._open_lock = asyncio.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._listeners: list[Callable[[], None]] = []
+        self._listener: Listener | None = None
+        self._stopping: set[asyncio.Task[None]] = set()
+
+    def describe(self) -> str:
+        where = (
+            self.target.where()
+            if self.target is not None
+            else f"Django database {self.database!r}"
+            if self.database is not None
+            else "(not connected yet)"
+        )
+        return f"postgres at {where}, tables {self.schema}.{self.table_prefix}*"
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        if self._pool is not None:
+            return
+        async with self._open_lock:
+            if self._pool is not None:
+                return
+            import psycopg
+
+            from channels_lite.drivers.postgres import schema
+            from channels_lite.drivers.postgres.errors import storage_error
+            from channels_lite.drivers.postgres.ops import Statements
+            from channels_lite.drivers.postgres.options import django_target, dsn_target
+            from channels_lite.drivers.postgres.pool import Pool, connect
+
+            if self.dsn is not None:
+                target = dsn_target(self.dsn, self.timeout)
+            else:
+                assert self.database is not None
+                target = django_target(self.database, self.timeout)
+            tables = schema.Tables(self.schema, self.table_prefix)
+            prepared_key = (target.conninfo, tables.namespace)
+            if prepared_key not in _PREPARED:
+                conn = await connect(target, "connecting")
+                try:
+                    version = await schema.prepare(conn, tables, target.where())
+                except psycopg.Error as exc:
+                    raise storage_error(exc, target, "preparing the tables") from exc
+                finally:
+                    await conn.close()
+                _PREPARED.add(prepared_key)
+                logger.debug(
+                    "tables %s* ready at %s (schema %d)", tables.namespace, target.where(), version
+                )
+            pool = Pool(
+                target,
+                min_size=self.pool_min,
+                max_size=self.pool_max,
+                timeout=self.timeout,
+                name=f"channels-lite {target.where()}",
+            )
+            await pool.open()
+            self.target = target
+            self._ops = Statements(tables)
+            self._loop = asyncio.get_running_loop()
+            self._pool = pool
+            if self._listeners:
+                self._start_listener()
+
+    async def close(self) -> None:
+        loop = self._loop
+        if loop is None:
+            return
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:  # pragma: no cover - close() is a coroutine
+            running = None
+        if running is loop:
+            await self._close_here()
+        elif loop.is_closed() or not loop.is_running():
+            # The core cleans up after a loop it could not hook: nothing bound to that loop
+            # can be awaited any more. Close the sockets themselves.
+            self._close_now()
+        else:
+            future = asyncio.run_coroutine_threadsafe(self._close_here(), loop)
+            await asyncio.wrap_future(future)
+
+    async def _close_here(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            await listener.stop()
+        while self._stopping:
+            await asyncio.wait(set(self._stopping))
+        pool, self._pool = self._pool, None
+        self._loop = None
+        if pool is not None:
+            await pool.close()
+            logger.debug("closed the pool to %s", pool.target.where())
+
+    def _close_now(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.close_now()
+        self._stopping.clear()
+        pool, self._pool = self._pool, None
+        self._loop = None
+        if pool is not None:
+            pool.close_now()
+
+    def _running(self) -> tuple[Pool, Statements]:
+        if self._pool is None or self._ops is None:
+            raise DriverError(
+                f"the postgres driver ({self.describe()}) is not open; call open() first"
+            )
+        return self._pool, self._ops
+
+    # -- the contract ------------------------------------------------------------------------
+
+    async def push(self, envelopes: Sequence[Envelope], now: float) -> list[bool]:
+        if not envelopes:
+            return []
+        pool, ops = self._running()
+        batch = tuple(envelopes)
+        # Not replayable after a lost connection: the commit may have happened.
+        return await pool.run(
+            lambda conn: ops.run_push(conn, batch, now),
+            doing="storing messages",
+            replayable=False,
+        )
+
+    async def claim(self, requests: Sequence[ClaimRequest], now: float) -> list[Claimed]:
+        wanted = [request for request in requests if request.limit > 0]
+        if not wanted:
+            return []
+        pool, ops = self._running()
+        if self._listener is not None:
+            self._listener.watch(request.key for request in wanted)
+        return await pool.run(
+            lambda conn: ops.run_claim(conn, wanted, now),
+            doing="claiming messages",
+            absorb_cancel=True,
+        )
+
+    async def group_add(self, group: str, channel: str, key: str, expires_at: float) -> None:
+        pool, ops = self._running()
+        await pool.run(
+            lambda conn: ops.run_group_add(conn, group, channel, key, expires_at),
+            doing="adding a group member",
+        )
+
+    async def group_discard(self, group: str, channel: str) -> None:
+        pool, ops = self._running()
+        await pool.run(
+            lambda conn: ops.run_group_discard(conn, group, channel),
+            doing="removing a group member",
+        )
+
+    async def group_channels(self, group: str, now: float) -> list[str]:
+        pool, ops = self._running()
+        return await pool.run(
+            lambda conn: ops.run_group_channels(conn, group, now),
+            doing="reading group members",
+        )
+
+    async def purge(self, now: float) -> int:
+        pool, ops = self._running()
+        return await pool.run(lambda conn: ops.run_purge(conn, now), doing="purging expired rows")
+
+    async def flush(self) -> None:
+        pool, ops = self._running()
+        await pool.run(ops.run_flush, doing="flushing")
+
+    # -- SupportsLiveness --------------------------------------------------------------------
+
+    async def heartbeat(self, process_key: str, expires_at: float, now: float) -> list[str]:
+        pool, ops = self._running()
+        return await pool.run(
+            lambda conn: ops.run_heartbeat(conn, process_key, expires_at, now),
+            doing="renewing the process lease",
+        )
+
+    async def release(self, process_key: str) -> None:
+        pool, ops = self._running()
+        await pool.run(
+            lambda conn: ops.run_release(conn, process_key),
+            doing="releasing the process lease",
+        )
+
+    # -- SupportsStats -----------------------------------------------------------------------
+
+    async def stats(self, now: float, top: int) -> StorageStats:
+        pool, ops = self._running()
+        snapshot = await pool.run(lambda conn: ops.run_stats(conn, now, top), doing="reading stats")
+        extra = dict(snapshot.extra)
+        extra["host"] = pool.target.where()
+        extra["reconnects"] = pool.reconnects
+        if self._listener is not None:
+            extra["listening_channels"] = len(self._listener.channels)
+        return StorageStats(
+            messages=snapshot.messages,
+            expired_messages=snapshot.expired_messages,
+            channels=snapshot.channels,
+            groups=snapshot.groups,
+            processes=snapshot.processes,
+            storage_bytes=snapshot.storage_bytes,
+            extra=extra,
+        )
+
+    # -- ChangeNotifier ----------------------------------------------------------------------
+
+    def add_change_listener(self, callback: Callable[[], None]) -> None:
+        self._listeners.append(callback)
+        if self._pool is not None and self._listener is None:
+            self._start_listener()
+
+    def remove_change_listener(self, callback: Callable[[], None]) -> None:
+        try:
+            self._listeners.remove(callback)
+        except ValueError:
+            return
+        if not self._listeners and self._listener is not None:
+            listener, self._listener = self._listener, None
+            # Listeners are removed from synchronous code; close() awaits what is left.
+            loop = self._loop or asyncio.get_running_loop()
+            task = loop.create_task(listener.stop())
+            self._stopping.add(task)
+            task.add_done_callback(self._stopping.discard)
+
+    def _start_listener(self) -> None:
+        from channels_lite.drivers.postgres.wakeups import Listener
+
+        if self._loop is None or self.target is None or self._ops is None:
+            return
+        listener = Listener(
+            self.target, self._ops.tables.namespace, self._changed, timeout=self.timeout
+        )
+        self._listener = listener
+        listener.start(self._loop)
+
+    def _changed(self) -> None:
+        for callback in tuple(self._listeners):
+            try:
+                callback()
+            except Exception:
+                logger.exception("change listener %r failed", callback)

@@ -1,0 +1,321 @@
+"""The driver's statements, each operation one round trip on a pooled autocommit connection.
+
+Every operation is one statement (an implicit transaction) or one pipeline of statements sent
+together before a single Sync: PostgreSQL runs the statements between two Syncs as one implicit
+transaction, committed at the Sync and rolled back as a whole if any of them fails. That gives
+push its "lock, then count and insert" transaction in one network round trip.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from typing import Any
+
+import psycopg
+
+from channels_lite.drivers.base import Claimed, ClaimRequest, Envelope, StorageStats
+from channels_lite.drivers.postgres.schema import Tables, read_version
+from channels_lite.drivers.postgres.wakeups import wake_channel
+
+__all__ = ["STRIPES", "Statements", "stripe"]
+
+Conn = psycopg.AsyncConnection[Any]
+
+#: Capacity locks: each channel maps to one of this many advisory locks per namespace. A push
+#: takes at most this many locks (in ascending order, so pushes never deadlock), which keeps a
+#: thousand-member group_send within PostgreSQL's default lock budget for one transaction
+#: (max_locks_per_transaction = 64). Two channels sharing a stripe only means their pushes
+#: take turns for the few hundred microseconds a push transaction lasts.
+STRIPES = 64
+
+
+def stripe(channel: str) -> int:
+    # crc32, not hash(): every process must map a channel to the same lock.
+    return zlib.crc32(channel.encode("utf-8", "surrogatepass")) % STRIPES
+
+
+class Statements:
+    """SQL text for one set of tables, built once per driver instance."""
+
+    def __init__(self, tables: Tables) -> None:
+        self.tables = tables
+        t = tables
+        self.lock = "SELECT pg_advisory_xact_lock(%s, s) FROM unnest(%s::int4[]) AS s"
+        # Statement 2 of a push, run after statement 1 took the stripe locks, so that its
+        # snapshot sees every push that held them before (READ COMMITTED takes a snapshot per
+        # statement). For each envelope, in order: room if the channel's live messages plus
+        # the live envelopes ahead of it in this batch are fewer than its capacity. The
+        # envelopes of one run share a capacity per channel (see _runs), which is what makes
+        # "count the live ones ahead" exact. Notifications go out at commit, one per wake-up
+        # channel of the stored envelopes.
+        self.push = f"""
+WITH batch AS (
+    SELECT * FROM unnest(
+        %(channels)s::text[], %(keys)s::text[], %(payloads)s::bytea[],
+        %(expires)s::float8[], %(capacities)s::int8[], %(wakes)s::text[]
+    ) WITH ORDINALITY AS b(channel, key, payload, expires_at, capacity, wake, ord)
+), held AS MATERIALIZED (
+    SELECT c.channel, (
+        SELECT count(*) FROM (
+            SELECT 1 FROM {t.messages} AS m
+            WHERE m.channel = c.channel AND m.expires_at > %(now)s
+            LIMIT c.most
+        ) AS live
+    ) AS n
+    FROM (SELECT channel, max(capacity) AS most FROM batch GROUP BY channel) AS c
+), ranked AS MATERIALIZED (
+    SELECT b.*, h.n + count(*) FILTER (WHERE b.expires_at > %(now)s) OVER (
+        PARTITION BY b.channel ORDER BY b.ord
+        ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING
+    ) AS ahead
+    FROM batch AS b JOIN held AS h USING (channel)
+), stored AS (
+    INSERT INTO {t.messages} (channel, key, payload, expires_at)
+    SELECT channel, key, payload, expires_at FROM ranked WHERE ahead < capacity ORDER BY ord
+), woken AS (
+    SELECT pg_notify(w.wake, '') FROM (
+        SELECT DISTINCT wake FROM ranked WHERE ahead < capacity
+    ) AS w
+)
+SELECT ord FROM ranked WHERE ahead < capacity
+UNION ALL
+SELECT -count(*) FROM woken
+"""
+        # Claims: every request in one statement. SKIP LOCKED makes concurrent claimers take
+        # disjoint rows instead of waiting for each other; the DELETE removes what was locked.
+        self.claim = f"""
+WITH req AS (
+    SELECT * FROM unnest(%(keys)s::text[], %(limits)s::int8[]) AS r(key, lim)
+), excluded AS (
+    SELECT * FROM unnest(%(ex_keys)s::text[], %(ex_channels)s::text[]) AS e(key, channel)
+), picked AS (
+    SELECT p.id FROM req AS r CROSS JOIN LATERAL (
+        SELECT m.id FROM {t.messages} AS m
+        WHERE m.key = r.key AND m.expires_at > %(now)s
+          AND NOT EXISTS (
+              SELECT 1 FROM excluded AS e WHERE e.key = r.key AND e.channel = m.channel
+          )
+        ORDER BY m.id
+        LIMIT r.lim
+        FOR UPDATE SKIP LOCKED
+    ) AS p
+), gone AS (
+    DELETE FROM {t.messages} AS m USING picked WHERE m.id = picked.id
+    RETURNING m.id, m.channel, m.key, m.payload, m.expires_at
+)
+SELECT channel, key, payload, expires_at FROM gone ORDER BY id
+"""
+        self.group_add = (
+            f"INSERT INTO {t.groups} (group_name, channel, key, expires_at) "
+            "VALUES (%s, %s, %s, %s) ON CONFLICT (group_name, channel) DO UPDATE SET "
+            "key = excluded.key, expires_at = excluded.expires_at"
+        )
+        self.group_discard = f"DELETE FROM {t.groups} WHERE group_name = %s AND channel = %s"
+        self.group_channels = (
+            f"SELECT channel FROM {t.groups} WHERE group_name = %s AND expires_at > %s "
+            "ORDER BY channel"
+        )
+        # Expired leases stay: heartbeat() must still find them to reap what they left.
+        self.purge = f"""
+WITH m AS (DELETE FROM {t.messages} WHERE expires_at <= %(now)s RETURNING 1),
+     g AS (DELETE FROM {t.groups} WHERE expires_at <= %(now)s RETURNING 1)
+SELECT (SELECT count(*) FROM m) + (SELECT count(*) FROM g)
+"""
+        # DELETE, not TRUNCATE: TRUNCATE's exclusive lock would queue behind every claim and
+        # block every push, and ids must keep growing for FIFO.
+        self.flush = f"""
+WITH m AS (DELETE FROM {t.messages}), g AS (DELETE FROM {t.groups}),
+     p AS (DELETE FROM {t.processes})
+SELECT 1
+"""
+        # One statement, one snapshot: renew our lease, take every other expired lease, and
+        # what was routed under those keys. A process renewing concurrently wins: the DELETE
+        # re-checks expires_at on the row version it waited for.
+        self.heartbeat = f"""
+WITH lease AS (
+    INSERT INTO {t.processes} (key, expires_at) VALUES (%(key)s, %(expires_at)s)
+    ON CONFLICT (key) DO UPDATE SET expires_at = excluded.expires_at
+), dead AS (
+    DELETE FROM {t.processes}
+    WHERE key <> %(key)s AND expires_at <= %(now)s
+    RETURNING key
+), m AS (
+    DELETE FROM {t.messages} WHERE key IN (SELECT key FROM dead)
+), g AS (
+    DELETE FROM {t.groups} WHERE key IN (SELECT key FROM dead)
+)
+SELECT key FROM dead ORDER BY key
+"""
+        self.release = f"""
+WITH p AS (DELETE FROM {t.processes} WHERE key = %(key)s),
+     m AS (DELETE FROM {t.messages} WHERE key = %(key)s),
+     g AS (DELETE FROM {t.groups} WHERE key = %(key)s)
+SELECT 1
+"""
+        self.stats_counts = f"""
+SELECT
+    (SELECT count(*) FROM {t.messages} WHERE expires_at > %(now)s),
+    (SELECT count(*) FROM {t.messages} WHERE expires_at <= %(now)s),
+    (SELECT count(*) FROM {t.processes} WHERE expires_at > %(now)s),
+    (SELECT count(*) FROM {t.groups} WHERE expires_at > %(now)s),
+    (SELECT count(*) FROM {t.groups} WHERE expires_at <= %(now)s),
+    pg_total_relation_size('{t.messages}') + pg_total_relation_size('{t.groups}')
+        + pg_total_relation_size('{t.processes}'),
+    current_setting('server_version'),
+    pg_notification_queue_usage()
+"""
+        self.stats_channels = f"""
+SELECT channel, count(*) AS n FROM {t.messages} WHERE expires_at > %(now)s
+GROUP BY channel ORDER BY n DESC, channel LIMIT %(top)s
+"""
+        self.stats_groups = f"""
+SELECT group_name, count(*) AS n FROM {t.groups} WHERE expires_at > %(now)s
+GROUP BY group_name ORDER BY n DESC, group_name LIMIT %(top)s
+"""
+
+    # -- push ------------------------------------------------------------------------------
+
+    async def run_push(self, conn: Conn, envelopes: Sequence[Envelope], now: float) -> list[bool]:
+        namespace = self.tables.namespace
+        stripes = sorted({stripe(env.channel) for env in envelopes})
+        runs = _runs(envelopes)
+        lock = conn.cursor()
+        cursors = [conn.cursor() for _ in runs]
+        async with conn.pipeline():
+            await lock.execute(self.lock, (self.tables.lock_key, stripes))
+            for cursor, run in zip(cursors, runs, strict=True):
+                await cursor.execute(
+                    self.push,
+                    {
+                        "channels": [env.channel for env in run],
+                        "keys": [env.key for env in run],
+                        "payloads": [env.payload for env in run],
+                        "expires": [env.expires_at for env in run],
+                        "capacities": [env.capacity for env in run],
+                        "wakes": [wake_channel(namespace, env.channel, env.key) for env in run],
+                        "now": now,
+                    },
+                )
+        # Leaving the pipeline sent everything with one Sync and read every result.
+        flags: list[bool] = []
+        for cursor, run in zip(cursors, runs, strict=True):
+            stored = {int(row[0]) for row in await cursor.fetchall() if row[0] > 0}
+            flags.extend(index in stored for index in range(1, len(run) + 1))
+        return flags
+
+    # -- claim -----------------------------------------------------------------------------
+
+    async def run_claim(
+        self, conn: Conn, requests: Sequence[ClaimRequest], now: float
+    ) -> list[Claimed]:
+        ex_keys: list[str] = []
+        ex_channels: list[str] = []
+        for request in requests:
+            for channel in request.exclude:
+                ex_keys.append(request.key)
+                ex_channels.append(channel)
+        cursor = await conn.execute(
+            self.claim,
+            {
+                "keys": [r.key for r in requests],
+                "limits": [r.limit for r in requests],
+                "ex_keys": ex_keys,
+                "ex_channels": ex_channels,
+                "now": now,
+            },
+        )
+        return [
+            Claimed(channel=channel, key=key, payload=bytes(payload), expires_at=expires_at)
+            for channel, key, payload, expires_at in await cursor.fetchall()
+        ]
+
+    # -- groups ----------------------------------------------------------------------------
+
+    async def run_group_add(
+        self, conn: Conn, group: str, channel: str, key: str, expires_at: float
+    ) -> None:
+        await conn.execute(self.group_add, (group, channel, key, expires_at))
+
+    async def run_group_discard(self, conn: Conn, group: str, channel: str) -> None:
+        await conn.execute(self.group_discard, (group, channel))
+
+    async def run_group_channels(self, conn: Conn, group: str, now: float) -> list[str]:
+        cursor = await conn.execute(self.group_channels, (group, now))
+        return [str(channel) for (channel,) in await cursor.fetchall()]
+
+    # -- housekeeping ------------------------------------------------------------------------
+
+    async def run_purge(self, conn: Conn, now: float) -> int:
+        cursor = await conn.execute(self.purge, {"now": now})
+        row = await cursor.fetchone()
+        return 0 if row is None else int(row[0])
+
+    async def run_flush(self, conn: Conn) -> None:
+        await conn.execute(self.flush)
+
+    async def run_heartbeat(
+        self, conn: Conn, process_key: str, expires_at: float, now: float
+    ) -> list[str]:
+        cursor = await conn.execute(
+            self.heartbeat, {"key": process_key, "expires_at": expires_at, "now": now}
+        )
+        return [str(key) for (key,) in await cursor.fetchall()]
+
+    async def run_release(self, conn: Conn, process_key: str) -> None:
+        await conn.execute(self.release, {"key": process_key})
+
+    async def run_stats(self, conn: Conn, now: float, top: int) -> StorageStats:
+        cursor = await conn.execute(self.stats_counts, {"now": now})
+        row = await cursor.fetchone()
+        assert row is not None
+        (messages, expired, processes, members, expired_members, size, server, queue) = row
+        channels: dict[str, int] = {}
+        groups: dict[str, int] = {}
+        if top > 0:
+            cursor = await conn.execute(self.stats_channels, {"now": now, "top": top})
+            channels = {str(name): int(n) for name, n in await cursor.fetchall()}
+            cursor = await conn.execute(self.stats_groups, {"now": now, "top": top})
+            groups = {str(name): int(n) for name, n in await cursor.fetchall()}
+        version = await read_version(conn, self.tables)
+        return StorageStats(
+            messages=int(messages),
+            expired_messages=int(expired),
+            channels=channels,
+            groups=groups,
+            processes=int(processes),
+            storage_bytes=int(size),
+            extra={
+                "schema": self.tables.schema,
+                "table_prefix": self.tables.prefix,
+                "schema_version": version,
+                "server_version": str(server),
+                "memberships": int(members),
+                "expired_memberships": int(expired_members),
+                "notification_queue_usage": float(queue),
+            },
+        )
+
+
+def _runs(envelopes: Sequence[Envelope]) -> list[list[Envelope]]:
+    """Split a batch where a channel's capacity changes, keeping order.
+
+    The push statement decides every envelope of a run at once, which is exact when all the
+    envelopes of one channel in that run share one capacity (the core resolves a channel's
+    capacity once per call, so a batch is almost always a single run). Later runs run in the
+    same transaction and see the earlier runs' rows.
+    """
+    runs: list[list[Envelope]] = []
+    current: list[Envelope] = []
+    capacity_of: dict[str, int] = {}
+    for env in envelopes:
+        known = capacity_of.get(env.channel)
+        if known is not None and known != env.capacity:
+            runs.append(current)
+            current = []
+            capacity_of = {}
+        capacity_of[env.channel] = env.capacity
+        current.append(env)
+    if current:
+        runs.append(current)
+    return runs
