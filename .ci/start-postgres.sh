@@ -3,7 +3,7 @@
 #
 # Source it (``. .ci/start-postgres.sh``) from a bash script such as .ci/run: it exports
 #   CHANNELS_LITE_TEST_POSTGRES_DSN=postgresql://cltest:<random>@127.0.0.1:<port>/channels_lite
-# and the PG_* variables below, and chains an EXIT trap that stops the server and removes its
+# and CHANNELS_LITE_TEST_POSTGRES_{BIN,DATA,LOG,OWNER} (so tests can restart it), and chains an EXIT trap that stops the server and removes its
 # data directory. It never calls `exit` (that would end the sourcing shell): on failure it
 # prints why and returns non-zero, leaving the DSN unset, so that the PostgreSQL tests fail
 # loudly in CI (they never skip there).
@@ -110,7 +110,11 @@ _cl_pg_start() {
         return 1
     fi
 
-    export PG_BIN="$bin" PG_DATA="$dir/data" PG_PORT="$port" PG_SOCKET_DIR="$dir" PG_OWNER="$owner"
+    # The server's own files, for tests that restart it (tests/drivers/test_postgres.py).
+    export CHANNELS_LITE_TEST_POSTGRES_BIN="$bin"
+    export CHANNELS_LITE_TEST_POSTGRES_DATA="$dir/data"
+    export CHANNELS_LITE_TEST_POSTGRES_LOG="$dir/server.log"
+    export CHANNELS_LITE_TEST_POSTGRES_OWNER="$owner"
     export CHANNELS_LITE_TEST_POSTGRES_DSN="postgresql://cltest:${password}@127.0.0.1:${port}/channels_lite"
     _CL_PG_DIR="$dir"
     _CL_PG_RUNNER=("${runner[@]}")
@@ -120,9 +124,10 @@ _cl_pg_start() {
 
 _cl_pg_stop() {
     if [ -n "${_CL_PG_DIR:-}" ] && [ -d "$_CL_PG_DIR/data" ]; then
-        "${_CL_PG_RUNNER[@]}" "$PG_BIN/pg_ctl" -D "$_CL_PG_DIR/data" -m fast -w -t 30 stop \
+        local bin="$CHANNELS_LITE_TEST_POSTGRES_BIN"
+        "${_CL_PG_RUNNER[@]}" "$bin/pg_ctl" -D "$_CL_PG_DIR/data" -m fast -w -t 30 stop \
             >/dev/null 2>&1 \
-            || "${_CL_PG_RUNNER[@]}" "$PG_BIN/pg_ctl" -D "$_CL_PG_DIR/data" -m immediate stop \
+            || "${_CL_PG_RUNNER[@]}" "$bin/pg_ctl" -D "$_CL_PG_DIR/data" -m immediate stop \
                 >/dev/null 2>&1
         rm -rf "$_CL_PG_DIR"
     fi

@@ -1,6 +1,6 @@
 """PostgresDriver: the same layer across machines, on a PostgreSQL server users already run.
 
-Why psycopg 3 (async, with psycopg_pool) rather than asyncpg:
+Why psycopg 3 (async) rather than asyncpg:
 
 - Django's own PostgreSQL backend uses psycopg 3, so the extra usually adds nothing new to an
   install, and a Django ``DATABASES`` entry (including its ``OPTIONS``: sslmode, service,
@@ -10,8 +10,12 @@ Why psycopg 3 (async, with psycopg_pool) rather than asyncpg:
   and supports a subset of those.
 - Pipeline mode lets one push send "take the capacity locks" and "count, insert, notify" as
   two statements of one implicit transaction in a single network round trip.
-- psycopg_pool reconnects after server restarts by itself; asyncpg's raw speed advantage is in
-  decoding large result sets, which a channel layer does not have.
+- asyncpg's speed advantage is in decoding large result sets, which a channel layer does not
+  have: its statements move a few rows of bytes each.
+
+Connections come from a small pool of the driver's own (see :mod:`.pool` for why not
+psycopg_pool: its background workers can hang the shutdown of the short-lived event loops that
+``async_to_sync`` creates).
 
 What lives where: :mod:`.options` (option checks, DSN or Django alias), :mod:`.schema` (tables
 and their version), :mod:`.ops` (the statements), :mod:`.pool` (connections, retries,
@@ -45,6 +49,7 @@ from channels_lite.drivers.postgres.options import (
     check_identifier,
     check_pool_sizes,
     check_timeout,
+    dsn_target,
     require_psycopg,
 )
 
@@ -127,7 +132,11 @@ class PostgresDriver(Driver):
         self.pool_min: int = checked["pool_min"]
         self.pool_max: int = checked["pool_max"]
         self.timeout: float = checked["timeout"]
-        self.target: Target | None = None
+        # A DSN is parsed now (no I/O), so describe() and errors can name the server at once;
+        # a Django alias is read when the driver opens, once settings are surely configured.
+        self.target: Target | None = (
+            dsn_target(self.dsn, self.timeout) if self.dsn is not None else None
+        )
         self._pool: Pool | None = None
         self._ops: Statements | None = None
         self._open_lock = asyncio.Lock()
@@ -159,11 +168,11 @@ class PostgresDriver(Driver):
             from channels_lite.drivers.postgres import schema
             from channels_lite.drivers.postgres.errors import storage_error
             from channels_lite.drivers.postgres.ops import Statements
-            from channels_lite.drivers.postgres.options import django_target, dsn_target
+            from channels_lite.drivers.postgres.options import django_target
             from channels_lite.drivers.postgres.pool import Pool, connect
 
-            if self.dsn is not None:
-                target = dsn_target(self.dsn, self.timeout)
+            if self.target is not None:
+                target = self.target
             else:
                 assert self.database is not None
                 target = django_target(self.database, self.timeout)

@@ -4,12 +4,33 @@ from __future__ import annotations
 
 import psycopg
 from psycopg import errors as pg_errors
-from psycopg_pool import PoolTimeout
 
 from channels_lite.drivers.base import DriverError
 from channels_lite.drivers.postgres.options import Target
 
-__all__ = ["connection_lost", "retryable_server_error", "storage_error"]
+__all__ = [
+    "ConnectionWaitTimeout",
+    "NotApplied",
+    "connection_lost",
+    "retryable_server_error",
+    "storage_error",
+]
+
+
+class ConnectionWaitTimeout(Exception):
+    """Every pooled connection stayed busy until the timeout."""
+
+
+class NotApplied(psycopg.OperationalError):
+    """The connection died before the server answered anything of a write: it never ran.
+
+    A backend ends a session (restart, ``pg_terminate_backend``, idle timeouts) only between
+    commands or by aborting the current one, and it sends a command's results before it reads
+    the next: no result at all means the transaction was not committed, so the write can run
+    again on a fresh connection without storing anything twice. (Only a hard crash exactly at
+    commit could break this, which no client can tell apart.)
+    """
+
 
 #: The server rolled the transaction back and says trying again may work.
 _TRANSIENT_SQLSTATES = frozenset(
@@ -31,7 +52,7 @@ def retryable_server_error(exc: BaseException) -> bool:
 
 def connection_lost(exc: BaseException, conn: psycopg.AsyncConnection[object] | None) -> bool:
     """The connection died under us (server restart, network), not the statement."""
-    if isinstance(exc, PoolTimeout):
+    if isinstance(exc, ConnectionWaitTimeout):
         return False
     if conn is not None and (conn.broken or conn.closed):
         return True
@@ -48,11 +69,10 @@ def connection_lost(exc: BaseException, conn: psycopg.AsyncConnection[object] | 
 def _hint(exc: BaseException, target: Target) -> str:
     text = str(exc).lower()
     sqlstate = exc.sqlstate if isinstance(exc, psycopg.Error) else None
-    if isinstance(exc, PoolTimeout):
+    if isinstance(exc, ConnectionWaitTimeout):
         return (
-            "no connection became available in time: the server may be down or "
-            "unreachable, or every pooled connection is busy (raise CONFIG['pool_max'] or "
-            "CONFIG['timeout'])"
+            "every pooled connection stayed busy: raise CONFIG['pool_max'] (or "
+            "CONFIG['timeout']), or look for slow statements on the server"
         )
     if sqlstate in ("28P01", "28000") or "password authentication failed" in text:
         return f"check the user and password in {target.source}"

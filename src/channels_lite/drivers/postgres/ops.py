@@ -15,6 +15,7 @@ from typing import Any
 import psycopg
 
 from channels_lite.drivers.base import Claimed, ClaimRequest, Envelope, StorageStats
+from channels_lite.drivers.postgres.errors import NotApplied
 from channels_lite.drivers.postgres.schema import Tables, read_version
 from channels_lite.drivers.postgres.wakeups import wake_channel
 
@@ -182,21 +183,26 @@ GROUP BY group_name ORDER BY n DESC, group_name LIMIT %(top)s
         runs = _runs(envelopes)
         lock = conn.cursor()
         cursors = [conn.cursor() for _ in runs]
-        async with conn.pipeline():
-            await lock.execute(self.lock, (self.tables.lock_key, stripes))
-            for cursor, run in zip(cursors, runs, strict=True):
-                await cursor.execute(
-                    self.push,
-                    {
-                        "channels": [env.channel for env in run],
-                        "keys": [env.key for env in run],
-                        "payloads": [env.payload for env in run],
-                        "expires": [env.expires_at for env in run],
-                        "capacities": [env.capacity for env in run],
-                        "wakes": [wake_channel(namespace, env.channel, env.key) for env in run],
-                        "now": now,
-                    },
-                )
+        try:
+            async with conn.pipeline():
+                await lock.execute(self.lock, (self.tables.lock_key, stripes))
+                for cursor, run in zip(cursors, runs, strict=True):
+                    await cursor.execute(
+                        self.push,
+                        {
+                            "channels": [env.channel for env in run],
+                            "keys": [env.key for env in run],
+                            "payloads": [env.payload for env in run],
+                            "expires": [env.expires_at for env in run],
+                            "capacities": [env.capacity for env in run],
+                            "wakes": [wake_channel(namespace, env.channel, env.key) for env in run],
+                            "now": now,
+                        },
+                    )
+        except psycopg.OperationalError as exc:
+            if lock.pgresult is None and (conn.broken or conn.closed):
+                raise NotApplied(str(exc)) from exc
+            raise
         # Leaving the pipeline sent everything with one Sync and read every result.
         flags: list[bool] = []
         for cursor, run in zip(cursors, runs, strict=True):

@@ -45,12 +45,10 @@ def require_psycopg() -> None:
     """Fail with an install hint, naming the ``driver`` key, when psycopg 3 is missing."""
     try:
         import psycopg  # noqa: F401
-        import psycopg_pool  # noqa: F401
     except ImportError as exc:
         raise DriverConfigError(
             "driver",
-            f"the 'postgres' driver needs psycopg 3 and psycopg_pool ({exc}); "
-            f"install them with: {INSTALL_HINT}",
+            f"the 'postgres' driver needs psycopg 3 ({exc}); install them with: {INSTALL_HINT}",
         ) from exc
 
 

@@ -1,13 +1,26 @@
-"""A psycopg_pool.AsyncConnectionPool with the driver's policies around each operation.
+"""Connections for one driver instance, and the policies around each operation.
 
-- Dead idle connections (the server restarted, or dropped them) are noticed before use, at
-  the cost of one ``select()`` on the socket: an idle connection has nothing to read unless the
-  server said goodbye. They are handed back (the pool replaces them) without the pool's own
-  check-and-backoff, so the first call after a restart does not fail, nor wait a second.
-- Transient server errors (deadlock, lock or serialization failure, "shutting down") are
-  retried within the timeout; they always roll back first. A connection lost mid-operation is
-  retried once on a fresh connection when the operation may run twice (everything but push,
-  whose commit may have happened before the connection died).
+A small pool of its own rather than psycopg_pool.AsyncConnectionPool: psycopg_pool grows,
+replaces and trims connections in background worker tasks that catch ``CancelledError`` (to
+keep their books straight). When ``asyncio.run()`` or asgiref's ``async_to_sync`` tears a loop
+down while such a task is connecting, the task survives the cancellation and the loop's
+shutdown waits for it forever: reproduced with two operations at once on an ``async_to_sync``
+loop (the second one grows the pool). Channels creates and tears down loops all the time, so
+this pool has no background task at all: connections are made by the caller that needs one,
+in its own task, and idle ones beyond ``min_size`` are closed as they come back.
+
+- Dead idle connections (the server restarted or dropped them) are noticed before use, at the
+  cost of one ``select()`` on the socket: an idle connection has nothing to read unless the
+  server said goodbye. They are closed and replaced at once.
+- Connecting retries while the server is down or starting up (refused, "starting up",
+  "shutting down"), with a short backoff, until the timeout: calls made during a server
+  restart wait for it instead of failing. Bad passwords and missing databases fail at once.
+- Transient server errors (deadlock, lock or serialization failure) are retried within the
+  timeout; the server rolled them back first. A connection lost mid-operation is retried once
+  on a fresh connection when the operation may run twice: everything but push, and push too
+  when the server had answered nothing of it (see errors.NotApplied). A push that lost its
+  connection after the server answered part of it may or may not have committed: that one
+  is raised, never replayed, so that no message is stored twice.
 - Operations run in their own task, so that cancelling the caller never interrupts a statement
   half-way: psycopg would otherwise send a cancel request and leave the outcome to chance. If
   the caller is cancelled before the statement was sent, nothing runs and the cancellation
@@ -19,18 +32,21 @@
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import logging
 import random
 import select
-import weakref
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import psycopg
-from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from channels_lite.drivers.base import DriverError
 from channels_lite.drivers.postgres.errors import (
+    ConnectionWaitTimeout,
+    NotApplied,
     connection_lost,
     retryable_server_error,
     storage_error,
@@ -46,14 +62,52 @@ Conn = psycopg.AsyncConnection[Any]
 
 _FIRST_BACKOFF = 0.002
 _MAX_BACKOFF = 0.1
+_CONNECT_FIRST_BACKOFF = 0.05
+_CONNECT_MAX_BACKOFF = 1.0
+#: Idle connections beyond ``min_size`` are closed once unused for this long.
+MAX_IDLE = 60.0
+
+#: Connection failures that mean "not now" (server down, restarting, full) rather than "never".
+_TRANSIENT_CONNECT = (
+    "connection refused",
+    "starting up",
+    "shutting down",
+    "not yet accepting connections",
+    "recovery mode",
+    "timeout expired",
+    "server closed the connection",
+    "no such file or directory",
+    "too many clients",
+    "could not receive data",
+    "connection reset",
+    "terminating connection",
+    "could not send",
+)
 
 
-async def connect(target: Target, doing: str) -> Conn:
-    """One connection outside the pool (schema setup, diagnosing a pool timeout)."""
-    try:
-        return await psycopg.AsyncConnection.connect(target.conninfo, autocommit=True)
-    except psycopg.Error as exc:
-        raise storage_error(exc, target, doing) from exc
+def _transient_connect_error(exc: psycopg.Error) -> bool:
+    text = str(exc).lower()
+    return any(marker in text for marker in _TRANSIENT_CONNECT)
+
+
+async def _open_connection(target: Target) -> Conn:
+    return await psycopg.AsyncConnection.connect(target.conninfo, autocommit=True)
+
+
+async def connect(target: Target, doing: str, *, deadline: float | None = None) -> Conn:
+    """A new autocommit connection, retrying while the server is down until ``deadline``."""
+    loop = asyncio.get_running_loop()
+    backoff = _CONNECT_FIRST_BACKOFF
+    while True:
+        try:
+            return await _open_connection(target)
+        except psycopg.Error as exc:
+            remaining = (deadline - loop.time()) if deadline is not None else 0.0
+            if remaining <= 0 or not _transient_connect_error(exc):
+                raise storage_error(exc, target, doing) from exc
+            logger.debug("connecting to %s failed (%s); retrying", target.where(), exc)
+            await asyncio.sleep(min(backoff * (0.5 + random.random()), remaining))
+            backoff = min(backoff * 2, _CONNECT_MAX_BACKOFF)
 
 
 def _has_pending_input(conn: Conn) -> bool:
@@ -67,6 +121,12 @@ def _has_pending_input(conn: Conn) -> bool:
     return bool(readable)
 
 
+def _close_quietly(conn: Conn) -> None:
+    if not conn.closed:
+        # libpq's synchronous close: no loop needed, nothing to await.
+        conn.pgconn.finish()
+
+
 class _Progress:
     __slots__ = ("started",)
 
@@ -75,6 +135,8 @@ class _Progress:
 
 
 class Pool:
+    """Up to ``max_size`` autocommit connections, ``min_size`` of them kept when idle."""
+
     def __init__(
         self, target: Target, *, min_size: int, max_size: int, timeout: float, name: str
     ) -> None:
@@ -83,57 +145,151 @@ class Pool:
         self.max_size = max_size
         self.timeout = timeout
         self.name = name
-        self._pool: AsyncConnectionPool[Conn] | None = None
-        # Every connection the pool made, so close_now() can release them without a loop.
-        self._connections: weakref.WeakSet[Conn] = weakref.WeakSet()
+        #: (connection, time.monotonic() it came back); used from the right (warmest).
+        self._idle: collections.deque[tuple[Conn, float]] = collections.deque()
+        self._busy: set[Conn] = set()
+        #: Connections being made right now (counted against max_size).
+        self._connecting = 0
+        #: Callers waiting for a connection: a connection, or None for "a slot is free".
+        self._waiters: collections.deque[asyncio.Future[Conn | None]] = collections.deque()
+        self._open = False
+        #: Connections replaced because they were found dead (stats, tests).
         self.reconnects = 0
 
     @property
     def is_open(self) -> bool:
-        return self._pool is not None
+        return self._open
 
-    async def _track(self, conn: Conn) -> None:
-        self._connections.add(conn)
+    @property
+    def size(self) -> int:
+        return len(self._idle) + len(self._busy) + self._connecting
 
     async def open(self) -> None:
-        if self._pool is not None:
+        if self._open:
             return
-        pool: AsyncConnectionPool[Conn] = AsyncConnectionPool(
-            self.target.conninfo,
-            min_size=self.min_size,
-            max_size=self.max_size,
-            kwargs={"autocommit": True},
-            configure=self._track,
-            open=False,
-            timeout=self.timeout,
-            name=self.name,
-        )
+        deadline = asyncio.get_running_loop().time() + self.timeout
+        made: list[Conn] = []
         try:
-            await pool.open(wait=self.min_size > 0, timeout=self.timeout)
-        except PoolTimeout:
-            await pool.close(timeout=0)
-            # The pool only says "timed out"; a direct attempt says why (refused, password...).
-            conn = await connect(self.target, "connecting")
-            await conn.close()
-            raise DriverError(
-                f"PostgreSQL at {self.target.where()}: the connection pool could not open "
-                f"{self.min_size} connection(s) within {self.timeout:g} s although a direct "
-                "connection works; raise CONFIG['timeout'] or lower CONFIG['pool_min']"
-            ) from None
-        self._pool = pool
+            for _ in range(self.min_size):
+                made.append(await connect(self.target, "connecting", deadline=deadline))
+        except BaseException:
+            for conn in made:
+                _close_quietly(conn)
+            raise
+        now = time.monotonic()
+        self._idle.extend((conn, now) for conn in made)
+        self._open = True
 
     async def close(self) -> None:
-        pool, self._pool = self._pool, None
-        if pool is not None:
-            await pool.close(timeout=self.timeout)
+        self.close_now()
 
     def close_now(self) -> None:
-        """Release every connection without awaiting (the pool's loop is gone)."""
-        self._pool = None
-        for conn in list(self._connections):
-            if not conn.closed:
-                conn.pgconn.finish()
-        self._connections = weakref.WeakSet()
+        """Close every connection; callers still waiting get an error. Needs no loop."""
+        self._open = False
+        idle, self._idle = self._idle, collections.deque()
+        for conn, _ in idle:
+            _close_quietly(conn)
+        for conn in list(self._busy):
+            # In use by an operation that is still running (or by a loop that is gone): it
+            # fails, and putconn() drops it.
+            _close_quietly(conn)
+        self._busy.clear()
+        waiters, self._waiters = self._waiters, collections.deque()
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    # -- getting and returning connections ---------------------------------------------------
+
+    async def getconn(self, deadline: float, doing: str) -> Conn:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._open:
+                raise DriverError(
+                    f"the postgres driver for {self.target.where()} was closed while {doing}"
+                )
+            while self._idle:
+                conn, _ = self._idle.pop()
+                self._busy.add(conn)
+                if _has_pending_input(conn) and not await self._still_alive(conn):
+                    self._busy.discard(conn)
+                    continue
+                return conn
+            if self.size < self.max_size:
+                self._connecting += 1
+                try:
+                    conn = await connect(self.target, doing, deadline=deadline)
+                except BaseException:
+                    self._connecting -= 1
+                    self._wake_one(None)  # the slot is free again: let a waiter try
+                    raise
+                self._connecting -= 1
+                if not self._open:
+                    _close_quietly(conn)
+                    continue
+                self._busy.add(conn)
+                return conn
+            waiter: asyncio.Future[Conn | None] = loop.create_future()
+            self._waiters.append(waiter)
+            try:
+                async with asyncio.timeout_at(deadline):
+                    got = await waiter
+            except BaseException as exc:
+                if waiter.done() and not waiter.cancelled():
+                    handed = waiter.result()
+                    if handed is not None:
+                        self.putconn(handed)  # handed over just as we gave up: pass it on
+                else:
+                    waiter.cancel()
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+                if isinstance(exc, TimeoutError):
+                    raise ConnectionWaitTimeout(
+                        f"all {self.max_size} connections stayed busy for {self.timeout:g} s"
+                    ) from None
+                raise
+            if got is not None:
+                self._busy.add(got)
+                return got
+
+    async def _still_alive(self, conn: Conn) -> bool:
+        # Usually the server's goodbye after a restart; one round trip tells a stale
+        # connection from a stray notice.
+        try:
+            await conn.execute("")
+        except psycopg.Error:
+            self.reconnects += 1
+            _close_quietly(conn)
+            return False
+        return True
+
+    def putconn(self, conn: Conn) -> None:
+        self._busy.discard(conn)
+        if conn.closed or conn.broken or not self._open:
+            _close_quietly(conn)
+            self._wake_one(None)
+            return
+        if conn.pgconn.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            # Never expected (operations are single implicit transactions), never reused.
+            _close_quietly(conn)
+            self._wake_one(None)
+            return
+        if self._wake_one(conn):
+            return
+        now = time.monotonic()
+        self._idle.append((conn, now))
+        # Trim from the cold end: connections nobody needed for a while.
+        while len(self._idle) > self.min_size and now - self._idle[0][1] > MAX_IDLE:
+            old, _ = self._idle.popleft()
+            _close_quietly(old)
+
+    def _wake_one(self, conn: Conn | None) -> bool:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(conn)
+                return True
+        return False
 
     # -- running operations ----------------------------------------------------------------
 
@@ -146,7 +302,7 @@ class Pool:
         absorb_cancel: bool = False,
     ) -> T:
         """Run ``op(connection)`` with retries; see the module docstring for cancellation."""
-        if self._pool is None:
+        if not self._open:
             raise DriverError(
                 f"the postgres driver for {self.target.where()} is not open; call open() first "
                 "(or it was closed)"
@@ -163,11 +319,13 @@ class Pool:
                     # Still waiting for a connection: nothing was sent, stop here.
                     inner.cancel()
         if cancelled:
-            if absorb_cancel and not inner.cancelled() and inner.exception() is None:
+            if inner.cancelled():
+                raise asyncio.CancelledError
+            failure = inner.exception()
+            if failure is None and absorb_cancel:
                 return inner.result()
-            if not inner.cancelled() and inner.exception() is not None:
-                # Retrieve it, so asyncio does not log "exception was never retrieved".
-                logger.debug("%s failed after cancellation: %s", doing, inner.exception())
+            if failure is not None:
+                logger.debug("%s failed after cancellation: %s", doing, failure)
             raise asyncio.CancelledError
         return inner.result()
 
@@ -183,15 +341,18 @@ class Pool:
         backoff = _FIRST_BACKOFF
         replayed = False
         while True:
-            pool, conn = await self._acquire(doing, deadline)
+            try:
+                conn = await self.getconn(deadline, doing)
+            except ConnectionWaitTimeout as exc:
+                raise storage_error(exc, self.target, doing) from None
             try:
                 progress.started = True
                 result = await op(conn)
             except psycopg.Error as exc:
                 lost = connection_lost(exc, conn)
-                await pool.putconn(conn)
+                self.putconn(conn)
                 if lost:
-                    if replayable and not replayed:
+                    if (replayable or isinstance(exc, NotApplied)) and not replayed:
                         replayed = True
                         self.reconnects += 1
                         logger.info(
@@ -210,36 +371,7 @@ class Pool:
                     continue
                 raise storage_error(exc, self.target, doing) from exc
             except BaseException:
-                await pool.putconn(conn)
+                self.putconn(conn)
                 raise
-            await pool.putconn(conn)
+            self.putconn(conn)
             return result
-
-    async def _acquire(self, doing: str, deadline: float) -> tuple[AsyncConnectionPool[Conn], Conn]:
-        pool = self._pool
-        if pool is None:
-            raise DriverError(
-                f"the postgres driver for {self.target.where()} was closed while {doing}"
-            )
-        loop = asyncio.get_running_loop()
-        while True:
-            remaining = deadline - loop.time()
-            try:
-                conn = await pool.getconn(timeout=max(remaining, 0.001))
-            except PoolTimeout as exc:
-                raise storage_error(
-                    exc, self.target, f"{doing} (waiting for a connection)"
-                ) from exc
-            except psycopg.Error as exc:  # PoolClosed: close() raced with this call
-                raise storage_error(exc, self.target, doing) from exc
-            if not _has_pending_input(conn):
-                return pool, conn
-            # Something arrived on an idle connection: usually the server's goodbye after a
-            # restart. One round trip tells a stale connection from a stray notice.
-            try:
-                await conn.execute("")
-            except psycopg.Error:
-                self.reconnects += 1
-                await pool.putconn(conn)  # broken: the pool discards and replaces it
-                continue
-            return pool, conn

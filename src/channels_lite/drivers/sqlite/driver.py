@@ -71,7 +71,10 @@ def _check_timeout(value: Any) -> float:
             "timeout",
             f"'timeout' must be a number of seconds, not {type(value).__name__} ({value!r})",
         )
-    timeout = float(value)
+    try:
+        timeout = float(value)
+    except OverflowError:  # an int beyond any float: no finite number of seconds
+        timeout = math.inf
     if not math.isfinite(timeout) or timeout <= 0:
         raise DriverConfigError(
             "timeout", f"'timeout' must be a positive, finite number of seconds, not {value!r}"

@@ -39,10 +39,16 @@ def is_busy(exc: BaseException) -> bool:
 def storage_error(exc: sqlite3.Error, path: str, doing: str) -> DriverError:
     """A DriverError naming the database and the most likely remedy for ``exc``."""
     code = _primary_code(exc)
-    if code in (_SQLITE_NOTADB, _SQLITE_CORRUPT):
+    if code == _SQLITE_NOTADB:
         hint = (
-            "the file is not a SQLite database (or is corrupt); point CONFIG['path'] at "
-            "another file, or move this one away if it is not needed"
+            "the file is not a SQLite database; point CONFIG['path'] at another file, or move "
+            "this one away if it is not needed (channels-lite then creates a new one)"
+        )
+    elif code == _SQLITE_CORRUPT:
+        hint = (
+            "the database file is corrupt; stop every process using it, move it and its -wal "
+            "and -shm files away (channels-lite then creates a new one; messages still queued "
+            "in it are lost, `sqlite3 FILE .recover` may save some), and check the disk"
         )
     elif code == _SQLITE_READONLY:
         hint = (

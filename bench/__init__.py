@@ -1,0 +1,1 @@
+"""Benchmark harness for channels-lite against InMemory and channels_redis (see README.md)."""
