@@ -262,7 +262,7 @@ class ChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         if key == self._process_key:
             self._send_local(channel, payload)
             return
-        driver = await self._driver()
+        await self._driver()
         now = self._clock()
         envelope = Envelope(
             channel,
@@ -271,7 +271,8 @@ class ChannelLayer(BaseChannelLayer):  # type: ignore[misc]
             now + self.settings.expiry,
             self.settings.capacity.for_channel(channel),
         )
-        (stored,) = await driver.push([envelope], now)
+        batcher = self._drivers.state(asyncio.get_running_loop()).batcher(self._clock)
+        stored = await batcher.push(envelope)
         _reraise_if_cancelled()
         if not stored:
             raise ChannelFull(f"channel {channel!r} is at capacity ({envelope.capacity})")

@@ -15,6 +15,7 @@ import weakref
 from collections.abc import Awaitable, Callable
 
 from ..drivers.base import Driver, DriverError
+from .batching import PushBatcher
 
 logger = logging.getLogger("channels_lite.core.loops")
 
@@ -25,6 +26,12 @@ class LoopState:
         self.driver = driver
         self.opened = False
         self._opening: asyncio.Lock | None = None
+        self._batcher: PushBatcher | None = None
+
+    def batcher(self, clock: Callable[[], float]) -> PushBatcher:
+        if self._batcher is None:
+            self._batcher = PushBatcher(self.driver, clock)
+        return self._batcher
 
     async def ready(self) -> Driver:
         if self.opened:
