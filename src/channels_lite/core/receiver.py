@@ -23,6 +23,8 @@ _trace = RateLimitedLog(logger, interval=1.0)
 #: A storage outage fails every claim round: one ERROR with traceback a minute.
 _failures = RateLimitedLog(logger, interval=60.0)
 
+#: Second look after a change notification whose claim found nothing (see ``_recheck``).
+_RECHECK_AFTER = 0.002
 #: Messages claimed per process key in one round.
 CLAIM_BATCH = 100
 #: Wait after a failed claim, doubling up to the ceiling while storage keeps failing.
@@ -53,6 +55,10 @@ class ClaimLoop:
         # put messages there, and both clear the key. Trusted only with a ChangeNotifier.
         self.clean: set[str] = set()
         self._generation = 0
+        # A change notification can arrive a moment before the commit it announces is visible
+        # to readers (SQLite: the WAL is written, then its index). If the claim it triggers
+        # finds nothing, look once more shortly after instead of waiting for the safety net.
+        self._recheck = False
         self.task: asyncio.Task[None] = loop.create_task(self._run(), name="channels-lite claim")
 
     def alive(self) -> bool:
@@ -63,6 +69,7 @@ class ClaimLoop:
 
     def _on_change(self) -> None:
         self._generation += 1
+        self._recheck = True
         self.clean.clear()
         _trace.debug("wake", "woken by a storage change notification")
         self.wakeup.set()
@@ -121,13 +128,18 @@ class ClaimLoop:
                 )
                 self.inbox.deliver(claimed, now, self.loop)
                 self.backoff.reset()
-            if trust_clean and generation == self._generation:
+            # Not right after a notification: what it announced may not be visible yet.
+            if trust_clean and generation == self._generation and not self._recheck:
                 self._mark_clean(requests, claimed)
             task = asyncio.current_task()
             if task is not None and task.cancelling():
                 raise asyncio.CancelledError
             if not claimed:
-                await self.wakeup.wait(self.backoff.next())
+                if self._recheck:
+                    self._recheck = False
+                    await self.wakeup.wait(_RECHECK_AFTER)
+                else:
+                    await self.wakeup.wait(self.backoff.next())
 
     def _mark_clean(self, requests: list[ClaimRequest], claimed: list[Claimed]) -> None:
         counts: dict[str, int] = {}
