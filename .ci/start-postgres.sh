@@ -18,7 +18,8 @@
 #
 # Tunables (environment): CHANNELS_LITE_PG_BIN (binaries directory, default
 # /usr/lib/postgresql/15/bin), CHANNELS_LITE_PG_OPTIONS (extra `-c name=value` server options;
-# the default turns fsync off: this server holds test data only).
+# the default turns fsync off: this server holds test data only), CHANNELS_LITE_PG_OWNER (the
+# user that owns the cluster when running as root; default postgres, else cltest).
 
 _cl_pg_start() {
     local bin="${CHANNELS_LITE_PG_BIN:-/usr/lib/postgresql/15/bin}"
@@ -44,15 +45,17 @@ _cl_pg_start() {
 
     # PostgreSQL refuses to run as root: pick (or make) an ordinary user to own the cluster.
     if [ "$(id -u)" -eq 0 ]; then
-        if id postgres >/dev/null 2>&1; then
+        if [ -n "${CHANNELS_LITE_PG_OWNER:-}" ]; then
+            owner="$CHANNELS_LITE_PG_OWNER"
+        elif id postgres >/dev/null 2>&1; then
             owner=postgres
         else
             owner=cltest
-            if ! id "$owner" >/dev/null 2>&1 \
-                && ! useradd --system --no-create-home --shell /usr/sbin/nologin "$owner"; then
-                echo "start-postgres: cannot create the '$owner' user" >&2
-                return 1
-            fi
+        fi
+        if ! id "$owner" >/dev/null 2>&1 \
+            && ! useradd --system --no-create-home --shell /usr/sbin/nologin "$owner"; then
+            echo "start-postgres: cannot create the '$owner' user" >&2
+            return 1
         fi
         runner=(runuser -u "$owner" --)
     else

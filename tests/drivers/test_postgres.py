@@ -379,9 +379,36 @@ async def test_capacity_changing_inside_one_batch(make_driver: Any) -> None:
 
 
 @pytest.mark.asyncio
+async def test_several_requests_with_exclusions_in_one_claim(make_driver: Any) -> None:
+    """The many-request statement applies each request's own limit and exclusions."""
+    driver = await make_driver()
+    for i in range(6):
+        await driver.push(
+            [
+                env(f"x.a!{'pq'[i % 2]}", f"a{i}".encode(), key="a!"),
+                env(f"x.b!{'pq'[i % 2]}", f"b{i}".encode(), key="b!"),
+                env("plain", f"n{i}".encode()),
+            ],
+            NOW,
+        )
+    got = await driver.claim(
+        [
+            ClaimRequest("a!", 2, frozenset({"x.a!p"})),
+            ClaimRequest("b!", 10, frozenset({"x.b!q"})),
+            ClaimRequest("plain", 1),
+        ],
+        NOW,
+    )
+    by_key: dict[str, list[bytes]] = {}
+    for message in got:
+        by_key.setdefault(message.key, []).append(message.payload)
+    assert by_key == {"a!": [b"a1", b"a3"], "b!": [b"b0", b"b2", b"b4"], "plain": [b"n0"]}
+
+
+@pytest.mark.asyncio
 async def test_group_fan_out_is_one_round_trip(make_driver: Any) -> None:
-    """A 1000-envelope push (a group_send) is two statements, locks then insert, sent with a
-    single Sync: one network round trip, one transaction."""
+    """A 1000-envelope push (a group_send) is one statement (locks, count, insert, notify):
+    one network round trip, one transaction."""
     import psycopg
 
     driver = await make_driver()
@@ -398,7 +425,7 @@ async def test_group_fan_out_is_one_round_trip(make_driver: Any) -> None:
         trace.seek(0)
         sent = [line.split("\t")[2].strip() for line in trace if line.startswith("F\t")]
     assert flags == [True] * 1000
-    assert sent.count("Execute") == 2
+    assert sent.count("Execute") == 1
     assert sent.count("Sync") == 1
     # Nothing is read back before the Sync is sent: a Flush would mean a round trip.
     assert "Flush" not in sent[: sent.index("Sync")]
@@ -423,6 +450,60 @@ async def test_claim_cancelled_mid_flight_never_loses(make_driver: Any) -> None:
             got.extend(m.payload for m in task.result())
     got.extend(m.payload for m in await driver.claim([ClaimRequest("c", 1000)], NOW))
     assert len(got) == len(set(got)) == total
+
+
+async def _claim_cancelled_while_blocked(driver: PostgresDriver, *, server_cancels: bool) -> Any:
+    """Cancel a claim whose DELETE waits on a table lock held elsewhere.
+
+    With ``server_cancels`` the server's cancel request stops the statement; without, the
+    "cancel request" releases the lock instead, so the statement completes (and commits) just
+    as the caller is cancelled: the deterministic version of the race.
+    """
+    psycopg = _psycopg()
+    blocker = await psycopg.AsyncConnection.connect(driver.dsn)
+    try:
+        await blocker.execute(
+            f'LOCK TABLE "{driver.schema}".channels_lite_messages IN ACCESS EXCLUSIVE MODE'
+        )
+        conn = driver._pool._idle[-1][0]
+        if not server_cancels:
+
+            async def release_instead(timeout: float = 30.0) -> None:
+                await blocker.commit()
+
+            conn.cancel_safe = release_instead
+        task = asyncio.ensure_future(driver.claim([ClaimRequest("c", 10)], NOW))
+        await asyncio.sleep(0.3)
+        assert not task.done(), "the claim should be waiting on the lock"
+        task.cancel()
+        await asyncio.wait({task}, timeout=GUARD)
+        return task
+    finally:
+        with contextlib.suppress(Exception):
+            del conn.cancel_safe
+        await blocker.close()
+
+
+@pytest.mark.asyncio
+async def test_claim_cancelled_before_completing_removes_nothing(make_driver: Any) -> None:
+    driver = await make_driver(pool_min=1, pool_max=1)
+    await driver.push([env("c", b"1"), env("c", b"2")], NOW)
+    task = await _claim_cancelled_while_blocked(driver, server_cancels=True)
+    assert task.cancelled()
+    got = await driver.claim([ClaimRequest("c", 10)], NOW)
+    assert [m.payload for m in got] == [b"1", b"2"]
+
+
+@pytest.mark.asyncio
+async def test_claim_completing_as_it_is_cancelled_returns_its_messages(make_driver: Any) -> None:
+    driver = await make_driver(pool_min=1, pool_max=1)
+    await driver.push([env("c", b"1"), env("c", b"2")], NOW)
+    task = await _claim_cancelled_while_blocked(driver, server_cancels=False)
+    assert not task.cancelled(), "the claim removed messages: it must return them"
+    assert [m.payload for m in task.result()] == [b"1", b"2"]
+    assert await driver.claim([ClaimRequest("c", 10)], NOW) == []
+    # The connection is still good for the next operation.
+    assert await driver.push([env("c", b"3")], NOW) == [True]
 
 
 @pytest.mark.asyncio
@@ -504,6 +585,27 @@ async def test_targeted_notify_wakes_only_the_listening_instance(make_driver: An
     calls.update(a=0, b=0)
     await sender.push([env("jobs", b"4")], NOW)
     await eventually(lambda: calls["a"] > 0 and calls["b"] > 0, "the shared wake-up")
+
+
+@pytest.mark.asyncio
+async def test_keys_not_claimed_any_more_are_unlistened(
+    make_driver: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from channels_lite.drivers.postgres import wakeups
+
+    monkeypatch.setattr(wakeups, "PING_INTERVAL", 0.1)
+    monkeypatch.setattr(wakeups, "KEY_IDLE", 0.3)
+    driver = await make_driver()
+    calls: list[int] = []
+    driver.add_change_listener(lambda: calls.append(1))
+    await driver.claim([ClaimRequest("gone!", 10)], NOW)
+    channel = wakeups.key_channel(driver._ops.tables.namespace, "gone!")
+    await eventually(lambda: channel in driver._listener.channels, "the LISTEN")
+    calls.clear()
+    await eventually(lambda: channel not in driver._listener.channels, "the UNLISTEN")
+    # The core may still believe that key empty: dropping it calls the listeners once.
+    assert calls
+    assert wakeups.shared_channel(driver._ops.tables.namespace) in driver._listener.channels
 
 
 @pytest.mark.asyncio

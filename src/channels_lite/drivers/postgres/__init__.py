@@ -1,4 +1,4 @@
-"""The PostgreSQL driver (psycopg 3 + psycopg_pool; ``pip install 'channels-lite[postgres]'``).
+"""The PostgreSQL driver (psycopg 3; ``pip install 'channels-lite[postgres]'``).
 
 Importing this package does not import psycopg: the driver class can be registered and listed
 everywhere, and only constructing it without the extra raises an error that says what to

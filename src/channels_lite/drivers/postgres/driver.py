@@ -19,9 +19,9 @@ psycopg_pool: its background workers can hang the shutdown of the short-lived ev
 
 What lives where: :mod:`.options` (option checks, DSN or Django alias), :mod:`.schema` (tables
 and their version), :mod:`.ops` (the statements), :mod:`.pool` (connections, retries,
-cancellation), :mod:`.wakeups` (LISTEN/NOTIFY). This module imports none of them, nor
-psycopg, until the driver is constructed, so that installs without the ``postgres`` extra can
-still register and list the driver.
+cancellation), :mod:`.wakeups` (LISTEN/NOTIFY). This module imports only :mod:`.options`
+(which does not import psycopg) until the driver is constructed, so that installs without the
+``postgres`` extra can still register and list the driver.
 """
 
 from __future__ import annotations
@@ -276,7 +276,6 @@ class PostgresDriver(Driver):
         return await pool.run(
             lambda conn: ops.run_claim(conn, wanted, now),
             doing="claiming messages",
-            absorb_cancel=True,
         )
 
     async def group_add(self, group: str, channel: str, key: str, expires_at: float) -> None:

@@ -22,13 +22,15 @@ class ConnectionWaitTimeout(Exception):
 
 
 class NotApplied(psycopg.OperationalError):
-    """The connection died before the server answered anything of a write: it never ran.
+    """A write lost its connection before the server answered: it did not commit.
 
-    A backend ends a session (restart, ``pg_terminate_backend``, idle timeouts) only between
-    commands or by aborting the current one, and it sends a command's results before it reads
-    the next: no result at all means the transaction was not committed, so the write can run
-    again on a fresh connection without storing anything twice. (Only a hard crash exactly at
-    commit could break this, which no client can tell apart.)
+    A backend ends a session (server restart or shutdown, ``pg_terminate_backend``, idle
+    timeouts) either between commands, or by aborting the command it runs; and it sends a
+    command's answer, ReadyForQuery included, right after committing it, before it looks at
+    the termination request. So a write whose connection died before the answer arrived was
+    rolled back, and it can run again on a fresh connection without storing anything twice.
+    Only a hard crash of the server (SIGKILL, power loss) landing between the commit and the
+    answer could make that replay store a message twice; no client can tell that case apart.
     """
 
 

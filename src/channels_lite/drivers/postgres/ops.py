@@ -1,13 +1,25 @@
 """The driver's statements, each operation one round trip on a pooled autocommit connection.
 
-Every operation is one statement (an implicit transaction) or one pipeline of statements sent
-together before a single Sync: PostgreSQL runs the statements between two Syncs as one implicit
-transaction, committed at the Sync and rolled back as a whole if any of them fails. That gives
-push its "lock, then count and insert" transaction in one network round trip.
+Every operation is one statement, so one implicit transaction and one network round trip.
+(The one exception, a push batch whose capacity for a channel changes half-way, sends its
+statements as one pipeline before a single Sync: PostgreSQL runs the statements between two
+Syncs as one implicit transaction, committed at the Sync or rolled back as a whole.)
+
+Exact capacity: a push takes transaction-level advisory locks on its channels (striped, see
+:data:`STRIPES`), then counts each channel's live messages with a snapshot taken after the locks
+were granted, so it sees every push that held them before, then inserts; all in one statement.
+A per-channel counter row (``UPDATE ... SET n = n + 1 WHERE n < capacity``) was the other
+candidate; it was set aside because the count must only include messages unexpired at the
+``now`` each caller passes: a counter would need every claim, purge and reap to decrement it
+(claims would then write to, and contend on, the rows pushes lock, in an order that can
+deadlock) and would still be wrong for messages that expired unclaimed. Counting live rows
+under a lock needs no bookkeeping at all; the lock lasts one round trip.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import zlib
 from collections.abc import Sequence
 from typing import Any
@@ -20,6 +32,8 @@ from channels_lite.drivers.postgres.schema import Tables, read_version
 from channels_lite.drivers.postgres.wakeups import wake_channel
 
 __all__ = ["STRIPES", "Statements", "stripe"]
+
+logger = logging.getLogger("channels_lite.drivers.postgres")
 
 Conn = psycopg.AsyncConnection[Any]
 
@@ -42,29 +56,27 @@ class Statements:
     def __init__(self, tables: Tables) -> None:
         self.tables = tables
         t = tables
-        self.lock = "SELECT pg_advisory_xact_lock(%s, s) FROM unnest(%s::int4[]) AS s"
-        # Statement 2 of a push, run after statement 1 took the stripe locks, so that its
-        # snapshot sees every push that held them before (READ COMMITTED takes a snapshot per
-        # statement). For each envelope, in order: room if the channel's live messages plus
-        # the live envelopes ahead of it in this batch are fewer than its capacity. The
-        # envelopes of one run share a capacity per channel (see _runs), which is what makes
-        # "count the live ones ahead" exact. Notifications go out at commit, one per wake-up
-        # channel of the stored envelopes.
+        # A push is this one statement. In order: take the batch's capacity locks (ascending
+        # stripes), count each channel's live messages with a fresh snapshot taken after the
+        # locks were granted (live_counts is VOLATILE, see schema.Tables.ddl; its p_locks
+        # argument makes it wait for the locks), then decide every envelope in batch order:
+        # room if the channel's live messages plus the live envelopes ahead of it in this
+        # batch are fewer than its capacity. The envelopes of one statement share a capacity
+        # per channel (see _runs), which is what makes "count the live ones ahead" exact.
+        # Notifications go out at commit, one per wake-up channel of the stored envelopes.
         self.push = f"""
 WITH batch AS (
     SELECT * FROM unnest(
         %(channels)s::text[], %(keys)s::text[], %(payloads)s::bytea[],
         %(expires)s::float8[], %(capacities)s::int8[], %(wakes)s::text[]
     ) WITH ORDINALITY AS b(channel, key, payload, expires_at, capacity, wake, ord)
+), locks AS MATERIALIZED (
+    SELECT pg_advisory_xact_lock(%(lock_key)s, s) FROM unnest(%(stripes)s::int4[]) AS s
 ), held AS MATERIALIZED (
-    SELECT c.channel, (
-        SELECT count(*) FROM (
-            SELECT 1 FROM {t.messages} AS m
-            WHERE m.channel = c.channel AND m.expires_at > %(now)s
-            LIMIT c.most
-        ) AS live
-    ) AS n
-    FROM (SELECT channel, max(capacity) AS most FROM batch GROUP BY channel) AS c
+    SELECT * FROM {t.live_counts}(
+        %(held_channels)s::text[], %(held_most)s::int8[], %(now)s,
+        (SELECT count(*) FROM locks)
+    )
 ), ranked AS MATERIALIZED (
     SELECT b.*, h.n + count(*) FILTER (WHERE b.expires_at > %(now)s) OVER (
         PARTITION BY b.channel ORDER BY b.ord
@@ -104,6 +116,21 @@ WITH req AS (
 ), gone AS (
     DELETE FROM {t.messages} AS m USING picked WHERE m.id = picked.id
     RETURNING m.id, m.channel, m.key, m.payload, m.expires_at
+)
+SELECT channel, key, payload, expires_at FROM gone ORDER BY id
+"""
+        # The same for the usual case of one request (a process's own key), simpler to plan:
+        # the (key, id) index walk stops after ``limit`` rows.
+        self.claim_one = f"""
+WITH gone AS (
+    DELETE FROM {t.messages} WHERE id IN (
+        SELECT id FROM {t.messages}
+        WHERE key = %(key)s AND expires_at > %(now)s AND channel <> ALL(%(exclude)s::text[])
+        ORDER BY id
+        LIMIT %(limit)s
+        FOR UPDATE SKIP LOCKED
+    )
+    RETURNING id, channel, key, payload, expires_at
 )
 SELECT channel, key, payload, expires_at FROM gone ORDER BY id
 """
@@ -178,59 +205,96 @@ GROUP BY group_name ORDER BY n DESC, group_name LIMIT %(top)s
     # -- push ------------------------------------------------------------------------------
 
     async def run_push(self, conn: Conn, envelopes: Sequence[Envelope], now: float) -> list[bool]:
-        namespace = self.tables.namespace
-        stripes = sorted({stripe(env.channel) for env in envelopes})
         runs = _runs(envelopes)
-        lock = conn.cursor()
+        if len(runs) == 1:
+            try:
+                cursor = await conn.execute(self.push, self._push_params(runs[0], now))
+            except psycopg.OperationalError as exc:
+                # No result came back (psycopg keeps a result only once the statement ended):
+                # see errors.NotApplied for why the push can then run again.
+                if conn.broken or conn.closed:
+                    raise NotApplied(str(exc)) from exc
+                raise
+            return _flags(await cursor.fetchall(), len(envelopes))
+        # A channel's capacity changes inside the batch (rare): one statement per run, all in
+        # one implicit transaction (one pipeline, one Sync), later runs seeing earlier ones.
         cursors = [conn.cursor() for _ in runs]
         try:
             async with conn.pipeline():
-                await lock.execute(self.lock, (self.tables.lock_key, stripes))
                 for cursor, run in zip(cursors, runs, strict=True):
-                    await cursor.execute(
-                        self.push,
-                        {
-                            "channels": [env.channel for env in run],
-                            "keys": [env.key for env in run],
-                            "payloads": [env.payload for env in run],
-                            "expires": [env.expires_at for env in run],
-                            "capacities": [env.capacity for env in run],
-                            "wakes": [wake_channel(namespace, env.channel, env.key) for env in run],
-                            "now": now,
-                        },
-                    )
+                    await cursor.execute(self.push, self._push_params(run, now))
         except psycopg.OperationalError as exc:
-            if lock.pgresult is None and (conn.broken or conn.closed):
+            if cursors[0].pgresult is None and (conn.broken or conn.closed):
                 raise NotApplied(str(exc)) from exc
             raise
-        # Leaving the pipeline sent everything with one Sync and read every result.
         flags: list[bool] = []
         for cursor, run in zip(cursors, runs, strict=True):
-            stored = {int(row[0]) for row in await cursor.fetchall() if row[0] > 0}
-            flags.extend(index in stored for index in range(1, len(run) + 1))
+            flags.extend(_flags(await cursor.fetchall(), len(run)))
         return flags
+
+    def _push_params(self, run: Sequence[Envelope], now: float) -> dict[str, Any]:
+        namespace = self.tables.namespace
+        most: dict[str, int] = {}
+        for env in run:
+            most[env.channel] = max(most.get(env.channel, 0), env.capacity)
+        return {
+            "channels": [env.channel for env in run],
+            "keys": [env.key for env in run],
+            "payloads": [env.payload for env in run],
+            "expires": [env.expires_at for env in run],
+            "capacities": [env.capacity for env in run],
+            "wakes": [wake_channel(namespace, env.channel, env.key) for env in run],
+            "lock_key": self.tables.lock_key,
+            "stripes": sorted({stripe(channel) for channel in most}),
+            "held_channels": list(most),
+            "held_most": list(most.values()),
+            "now": now,
+        }
 
     # -- claim -----------------------------------------------------------------------------
 
     async def run_claim(
         self, conn: Conn, requests: Sequence[ClaimRequest], now: float
     ) -> list[Claimed]:
-        ex_keys: list[str] = []
-        ex_channels: list[str] = []
-        for request in requests:
-            for channel in request.exclude:
-                ex_keys.append(request.key)
-                ex_channels.append(channel)
-        cursor = await conn.execute(
-            self.claim,
-            {
+        query: str
+        params: dict[str, Any]
+        if len(requests) == 1:
+            (request,) = requests
+            query = self.claim_one
+            params = {
+                "key": request.key,
+                "limit": request.limit,
+                "exclude": sorted(request.exclude),
+                "now": now,
+            }
+        else:
+            ex_keys: list[str] = []
+            ex_channels: list[str] = []
+            for request in requests:
+                for channel in request.exclude:
+                    ex_keys.append(request.key)
+                    ex_channels.append(channel)
+            query = self.claim
+            params = {
                 "keys": [r.key for r in requests],
                 "limits": [r.limit for r in requests],
                 "ex_keys": ex_keys,
                 "ex_channels": ex_channels,
                 "now": now,
-            },
-        )
+            }
+        cursor = conn.cursor()
+        try:
+            await cursor.execute(query, params)
+        except asyncio.CancelledError:
+            # psycopg asked the server to cancel the DELETE and waited for the outcome. If
+            # the statement had already completed (and so committed: it runs on its own), its
+            # rows are in the cursor: return them, keeping the cancellation pending
+            # (Task.cancelling() stays > 0) for the core to re-raise once it has handed them
+            # on. Otherwise nothing was removed and the cancellation goes on.
+            result = cursor.pgresult
+            if result is None or result.status != psycopg.pq.ExecStatus.TUPLES_OK:
+                raise
+            logger.debug("a claim completed as it was cancelled; returning its messages")
         return [
             Claimed(channel=channel, key=key, payload=bytes(payload), expires_at=expires_at)
             for channel, key, payload, expires_at in await cursor.fetchall()
@@ -301,6 +365,12 @@ GROUP BY group_name ORDER BY n DESC, group_name LIMIT %(top)s
                 "notification_queue_usage": float(queue),
             },
         )
+
+
+def _flags(rows: Sequence[tuple[Any, ...]], count: int) -> list[bool]:
+    # Rows are the 1-based positions stored, and one non-positive row counting notifications.
+    stored = {int(row[0]) for row in rows if row[0] > 0}
+    return [index in stored for index in range(1, count + 1)]
 
 
 def _runs(envelopes: Sequence[Envelope]) -> list[list[Envelope]]:

@@ -21,12 +21,13 @@ in its own task, and idle ones beyond ``min_size`` are closed as they come back.
   when the server had answered nothing of it (see errors.NotApplied). A push that lost its
   connection after the server answered part of it may or may not have committed: that one
   is raised, never replayed, so that no message is stored twice.
-- Operations run in their own task, so that cancelling the caller never interrupts a statement
-  half-way: psycopg would otherwise send a cancel request and leave the outcome to chance. If
-  the caller is cancelled before the statement was sent, nothing runs and the cancellation
-  propagates; after, the operation finishes. ``absorb_cancel`` (claims) then *returns* the
-  result, so the core can hand the claimed messages on before re-raising the cancellation;
-  otherwise the cancellation is raised once the operation is done.
+- Operations run in the caller's task. Cancelling the caller mid-statement lets psycopg ask
+  the server to cancel the statement and wait for the outcome: either the statement was
+  stopped (rolled back) or it completed. Claims look at that outcome and return what a
+  completed claim removed instead of losing it (see ``Statements.run_claim``). An earlier
+  design ran each operation in a task of its own and shielded it; but ``asyncio.run()`` (and so
+  ``async_to_sync``) cancels *every* task of a loop it tears down, the shielded one included,
+  which is exactly when a claim's rows were lost.
 """
 
 from __future__ import annotations
@@ -125,13 +126,6 @@ def _close_quietly(conn: Conn) -> None:
     if not conn.closed:
         # libpq's synchronous close: no loop needed, nothing to await.
         conn.pgconn.finish()
-
-
-class _Progress:
-    __slots__ = ("started",)
-
-    def __init__(self) -> None:
-        self.started = False
 
 
 class Pool:
@@ -299,43 +293,13 @@ class Pool:
         *,
         doing: str,
         replayable: bool = True,
-        absorb_cancel: bool = False,
     ) -> T:
-        """Run ``op(connection)`` with retries; see the module docstring for cancellation."""
+        """Run ``op(connection)`` with the retries described in the module docstring."""
         if not self._open:
             raise DriverError(
                 f"the postgres driver for {self.target.where()} is not open; call open() first "
                 "(or it was closed)"
             )
-        progress = _Progress()
-        inner = asyncio.ensure_future(self._attempts(op, doing, replayable, progress))
-        cancelled = False
-        while not inner.done():
-            try:
-                await asyncio.wait({inner})
-            except asyncio.CancelledError:
-                cancelled = True
-                if not progress.started:
-                    # Still waiting for a connection: nothing was sent, stop here.
-                    inner.cancel()
-        if cancelled:
-            if inner.cancelled():
-                raise asyncio.CancelledError
-            failure = inner.exception()
-            if failure is None and absorb_cancel:
-                return inner.result()
-            if failure is not None:
-                logger.debug("%s failed after cancellation: %s", doing, failure)
-            raise asyncio.CancelledError
-        return inner.result()
-
-    async def _attempts(
-        self,
-        op: Callable[[Conn], Awaitable[T]],
-        doing: str,
-        replayable: bool,
-        progress: _Progress,
-    ) -> T:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
         backoff = _FIRST_BACKOFF
@@ -346,7 +310,6 @@ class Pool:
             except ConnectionWaitTimeout as exc:
                 raise storage_error(exc, self.target, doing) from None
             try:
-                progress.started = True
                 result = await op(conn)
             except psycopg.Error as exc:
                 lost = connection_lost(exc, conn)

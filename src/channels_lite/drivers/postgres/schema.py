@@ -65,6 +65,10 @@ class Tables:
         return self._table("processes")
 
     @property
+    def live_counts(self) -> str:
+        return self._table("live_counts")
+
+    @property
     def namespace(self) -> str:
         """Identifies this set of tables in a database (lock keys, notification channels)."""
         return f"{self.schema}.{self.prefix}"
@@ -102,6 +106,18 @@ class Tables:
             f"CREATE INDEX IF NOT EXISTS {_quote(p + 'groups_key')} ON {self.groups} (key)",
             f"CREATE TABLE IF NOT EXISTS {self.processes} ("
             "key text PRIMARY KEY, expires_at double precision NOT NULL)",
+            # Live messages per channel (up to p_most each), for a push's capacity check.
+            # VOLATILE is the point: a volatile function takes a fresh snapshot for its query
+            # (and PostgreSQL never inlines it into the caller), so when a push calls it after
+            # taking the capacity locks in the same statement, it sees every push that held
+            # those locks before, although the calling statement's snapshot is older.
+            f"CREATE OR REPLACE FUNCTION {self.live_counts}("
+            "p_channels text[], p_most bigint[], p_now double precision, p_locks bigint) "
+            "RETURNS TABLE (channel text, n bigint) LANGUAGE sql VOLATILE AS $$ "
+            "SELECT c.name, (SELECT count(*) FROM ("
+            f"SELECT 1 FROM {self.messages} AS m "
+            "WHERE m.channel = c.name AND m.expires_at > p_now LIMIT c.most) AS live) "
+            "FROM unnest(p_channels, p_most) AS c(name, most) $$",
         )
 
 

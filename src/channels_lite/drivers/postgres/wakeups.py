@@ -220,19 +220,21 @@ class Listener:
         # drop or a server restart) gets claimed now instead of at the next safety-net poll.
         self._notified_during_command = False
         self._fire()
+        last_ping = time.monotonic()
         while True:
             self._changed.clear()
             self._attach_reader(conn)
             try:
-                changed = await _wait_event(self._changed, PING_INTERVAL)
+                await _wait_event(self._changed, PING_INTERVAL)
             finally:
                 self._detach_reader()
             if self._lost:
                 raise _ConnectionLost("the server closed the connection")
-            if not changed:
+            if time.monotonic() - last_ping >= PING_INTERVAL:
                 # A quiet connection may be dead without anyone telling us (no FIN from a
                 # vanished host): a round trip, bounded, proves it alive.
                 await asyncio.wait_for(conn.execute("SELECT 1"), self._timeout)
+                last_ping = time.monotonic()
                 self._forget_idle_keys()
             # New LISTENs: a message committed between the claim that revealed the key and
             # now was not announced. Dropped ones: the core may believe those keys empty and
