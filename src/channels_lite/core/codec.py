@@ -40,7 +40,12 @@ def check_message(message: object) -> dict[str, Any]:
         raise TypeError(f"A message must be a dict, not {type(message).__name__}")
     if RESERVED_KEY in message:
         raise ValueError(f"A message may not contain the reserved key {RESERVED_KEY!r}")
-    _check_value(message, "message")
+    try:
+        _check_value(message, "message")
+    except RecursionError:
+        raise TypeError(
+            "message is nested too deeply to be carried (hundreds of levels of lists or dicts)"
+        ) from None
     return message
 
 

@@ -56,7 +56,10 @@ def _number(key: str, value: object, *, minimum: float, allow_zero: bool = False
         raise ConfigurationError(
             key, f"CONFIG[{key!r}] must be a number of seconds, not {type(value).__name__}"
         )
-    number = float(value)
+    try:
+        number = float(value)
+    except OverflowError:
+        raise ConfigurationError(key, f"CONFIG[{key!r}] is too large: {value!r}") from None
     if (
         math.isnan(number)
         or math.isinf(number)

@@ -232,16 +232,26 @@ class ChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         if state.opened:
             self._ensure_claimer(loop, state.driver).wake()
 
-    def _check_claimer(
-        self, loop: asyncio.AbstractEventLoop, driver: Driver, waiter: Waiter
-    ) -> None:
+    def _check_claimer(self, loop: asyncio.AbstractEventLoop, waiter: Waiter) -> None:
         """Safety net for a waiting receiver: the claim loop serving it must be alive."""
         if waiter.future.done():
             return
         claimer = self._claimer
         if claimer is None or not claimer.alive():
-            self._ensure_claimer(loop, driver).wake()
-        loop.call_later(_CLAIMER_CHECK, self._check_claimer, loop, driver, waiter)
+            # Through _driver(): the layer may have been closed (and its drivers with it)
+            # while this receiver waited.
+            task = loop.create_task(self._revive_claimer(loop))
+            self._requeues.add(task)
+            task.add_done_callback(self._requeues.discard)
+        loop.call_later(_CLAIMER_CHECK, self._check_claimer, loop, waiter)
+
+    async def _revive_claimer(self, loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            driver = await self._driver()
+        except DriverError:
+            logger.exception("channels-lite: cannot reopen storage for waiting receivers")
+            return
+        self._ensure_claimer(loop, driver).wake()
 
     def _encode(self, message: dict[str, Any]) -> bytes:
         payload = self._codec.encode(message)
@@ -303,7 +313,7 @@ class ChannelLayer(BaseChannelLayer):  # type: ignore[misc]
             if isinstance(got, Claimed):
                 claimed = got
             else:
-                check = loop.call_later(_CLAIMER_CHECK, self._check_claimer, loop, driver, got)
+                check = loop.call_later(_CLAIMER_CHECK, self._check_claimer, loop, got)
                 try:
                     claimed = await got.future
                 except asyncio.CancelledError:
@@ -358,13 +368,11 @@ class ChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         expires_at = now + self.settings.expiry
         capacity = self.settings.capacity.for_channel
         envelopes = []
-        local_full = 0
+        local: list[Claimed] = []
         for ch in members:
             key = naming.routing_key(ch)
             if key == self._process_key:
-                local = Claimed(ch, key, payload, expires_at)
-                if not self._inbox.offer_local(local, capacity(ch), asyncio.get_running_loop()):
-                    local_full += 1
+                local.append(Claimed(ch, key, payload, expires_at))
             else:
                 envelopes.append(Envelope(ch, key, payload, expires_at, capacity(ch)))
         batch = max(1, driver.features.max_batch)
@@ -373,6 +381,10 @@ class ChannelLayer(BaseChannelLayer):  # type: ignore[misc]
             flags = await driver.push(envelopes[start : start + batch], now)
             stored += sum(flags)
             _reraise_if_cancelled()
+        # Own members only once storage took the others: a storage error then delivers to no
+        # member at all, rather than to some.
+        loop = asyncio.get_running_loop()
+        local_full = sum(not self._inbox.offer_local(m, capacity(m.channel), loop) for m in local)
         skipped = len(envelopes) - stored + local_full
         if skipped:
             self._log.info(

@@ -68,7 +68,12 @@ class Upkeep:
                 # Set before the call: a broken database must not turn this into a busy loop.
                 next_beat = now + beat_every
                 try:
-                    dead = await liveness.heartbeat(key, now + self.process_timeout, now)
+                    # Reap only leases that lapsed a whole process_timeout ago: after the database
+                    # stalls (a lock held by a stopped process, a suspended machine), every
+                    # live process gets that long to renew before anyone counts it dead.
+                    dead = await liveness.heartbeat(
+                        key, now + self.process_timeout, now - self.process_timeout
+                    )
                 except DriverError:
                     _failures.exception(
                         "heartbeat", "channels-lite: renewing the process lease failed"
