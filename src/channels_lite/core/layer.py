@@ -114,7 +114,8 @@ class ChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         _layers.add(self)
 
     def __repr__(self) -> str:
-        return f"<channels_lite.ChannelLayer {self._primary.describe()}>"
+        primary = getattr(self, "_primary", None)  # None while __init__ is failing
+        return f"<channels_lite.ChannelLayer {primary.describe() if primary else 'unconfigured'}>"
 
     # -- plumbing -------------------------------------------------------------------------
 
