@@ -28,6 +28,8 @@ class LayerSpec:
     #: pubsub does not: a message reaches every subscribed process, or nobody.
     queues_normal: bool
     needs_redis: bool = False
+    #: Needs the harness's throwaway PostgreSQL server.
+    needs_postgres: bool = False
     #: Runs in another virtualenv (channels-lite 0.4 shares our import name).
     external: bool = False
 
@@ -42,6 +44,20 @@ LAYERS: dict[str, LayerSpec] = {
         ),
         LayerSpec("lite-sqlite", "channels-lite sqlite", True, queues_normal=True),
         LayerSpec("lite-memory", "channels-lite memory", False, queues_normal=True),
+        LayerSpec(
+            "lite-postgres",
+            "channels-lite postgres",
+            True,
+            queues_normal=True,
+            needs_postgres=True,
+        ),
+        LayerSpec(
+            "channels-postgres",
+            "channels_postgres 1.1",
+            True,
+            queues_normal=True,
+            needs_postgres=True,
+        ),
         LayerSpec("lite-0.4", "channels-lite 0.4 (PyPI)", True, queues_normal=True, external=True),
     )
 }
@@ -56,10 +72,12 @@ _counter = itertools.count(1)
 
 @dataclass
 class BenchEnv:
-    """What a layer configuration may point at: a scratch directory and maybe a redis-server."""
+    """What a layer configuration may point at: a scratch directory, maybe servers."""
 
     tmpdir: Path
     redis_url: str | None = None
+    #: The throwaway PostgreSQL server (bench.postgres_server.PostgresServer), if started.
+    postgres: Any = None
 
 
 def layer_config(key: str, env: BenchEnv, tag: str) -> dict[str, Any]:
@@ -77,7 +95,55 @@ def layer_config(key: str, env: BenchEnv, tag: str) -> dict[str, Any]:
         return {"driver": "sqlite", "path": str(path), "capacity": CAPACITY, "expiry": EXPIRY}
     if key == "lite-memory":
         return {"driver": "memory", "capacity": CAPACITY, "expiry": EXPIRY}
+    if key == "lite-postgres":
+        # A fresh schema per instance (the driver creates it): runs never see each other.
+        return {
+            "driver": "postgres",
+            "dsn": env.postgres.dsn(),
+            "schema": f"bench_{tag.replace('-', '_')}_{next(_counter)}",
+            "capacity": CAPACITY,
+            "expiry": EXPIRY,
+        }
+    if key == "channels-postgres":
+        # channels_postgres has fixed table names and no prefix option: a fresh database per
+        # instance, copied from a template that holds its migrated tables. Its CONFIG is a
+        # Django DATABASES entry plus the layer's own keys; it has no capacity.
+        server = env.postgres
+        name = f"cp_{tag.replace('-', '_')}_{next(_counter)}"
+        server.execute(f"CREATE DATABASE {name} TEMPLATE {server.channels_postgres_template()}")
+        return {
+            "ENGINE": "django.db.backends.postgresql",
+            "NAME": name,
+            "USER": "bench",
+            "PASSWORD": "",
+            "HOST": "127.0.0.1",
+            "PORT": server.port,
+            "expiry": EXPIRY,
+        }
     raise KeyError(key)
+
+
+def drop_storage(key: str, config: dict[str, Any], env: BenchEnv) -> None:
+    """Remove what :func:`layer_config` created on the PostgreSQL server (best effort)."""
+    if env.postgres is None:
+        return
+    with contextlib.suppress(Exception):
+        if key == "lite-postgres":
+            env.postgres.execute(f'DROP SCHEMA IF EXISTS "{config["schema"]}" CASCADE')
+        elif key == "channels-postgres":
+            env.postgres.execute(
+                f'DROP DATABASE IF EXISTS "{config["NAME"]}" WITH (FORCE)', database="postgres"
+            )
+
+
+def _django_for_channels_postgres() -> None:
+    # channels_postgres defines Django models at import: it needs configured settings.
+    import django
+    from django.conf import settings
+
+    if not settings.configured:
+        settings.configure(INSTALLED_APPS=["channels_postgres"], USE_TZ=True, DATABASES={})
+        django.setup()
 
 
 def build_layer(key: str, config: dict[str, Any]) -> Any:
@@ -94,10 +160,20 @@ def build_layer(key: str, config: dict[str, Any]) -> Any:
         from channels_redis.pubsub import RedisPubSubChannelLayer
 
         return RedisPubSubChannelLayer(**config)
-    if key in ("lite-sqlite", "lite-memory"):
+    if key in ("lite-sqlite", "lite-memory", "lite-postgres"):
         from channels_lite import ChannelLayer
 
         return ChannelLayer(**config)
+    if key == "channels-postgres":
+        _django_for_channels_postgres()
+        from channels_postgres.core import PostgresChannelLayer
+
+        # The defaults Django's ConnectionHandler fills in for a DATABASES entry.
+        django_defaults = {
+            "OPTIONS": {}, "TIME_ZONE": None, "CONN_MAX_AGE": 0, "CONN_HEALTH_CHECKS": False,
+            "AUTOCOMMIT": True, "ATOMIC_REQUESTS": False, "TEST": {},
+        }  # fmt: skip
+        return PostgresChannelLayer(**{**django_defaults, **config})
     if key == "lite-0.4":
         return _build_legacy(config)
     raise KeyError(key)
@@ -116,8 +192,10 @@ async def close_layer(key: str, layer: Any) -> None:
         await layer.close_pools()
     elif key == "redis-pubsub":
         await layer.flush()  # also closes its connections
-    elif key in ("lite-sqlite", "lite-memory"):
+    elif key in ("lite-sqlite", "lite-memory", "lite-postgres"):
         await layer.close()
+    elif key == "channels-postgres":
+        await _close_channels_postgres()
     elif key == "lite-0.4":
         from bench import legacy
 
@@ -136,3 +214,28 @@ def storage_bytes(config: dict[str, Any]) -> int | None:
         with contextlib.suppress(OSError):
             total += os.path.getsize(path + suffix)
     return total
+
+
+async def _close_channels_postgres() -> None:
+    """channels_postgres has no close(): its pool, listener and queues are module globals.
+
+    Close them so the next instance (a new event loop, another database) starts clean.
+    """
+    import asyncio
+
+    from channels_postgres import core, db
+
+    listeners = [
+        t
+        for t in asyncio.all_tasks()
+        if "listen_to_all_channels" in getattr(t.get_coro(), "__qualname__", "")
+    ]
+    for task in listeners:
+        task.cancel()
+    await asyncio.gather(*listeners, return_exceptions=True)
+    pool, db.connection_pool = db.connection_pool, None
+    if pool is not None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(pool.close(timeout=2), 5)
+    db.is_creating_connection_pool = asyncio.Lock()
+    core.ASYNCIO_EVENT_CHANNEL_MAPPING.clear()

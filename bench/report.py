@@ -112,18 +112,18 @@ def cell(res: Results, scenario: Scenario, spec: LayerSpec) -> str:
     return _num(res.median(s, k, "rate")) + _flags(res, s, k, always_dup)
 
 
-def ratio_cell(res: Results, scenario: Scenario, other: str) -> str:
+def ratio_cell(res: Results, scenario: Scenario, other: str, subject: str = SUBJECT) -> str:
     s = scenario.key
     if s == "latency":
         return " / ".join(
-            _ratio(res.median(s, SUBJECT, m), res.median(s, other, m)) for m in ("p50_ms", "p99_ms")
+            _ratio(res.median(s, subject, m), res.median(s, other, m)) for m in ("p50_ms", "p99_ms")
         )
     if s == "group-p99":
-        return _ratio(res.median("group", SUBJECT, "p99_ms"), res.median("group", other, "p99_ms"))
+        return _ratio(res.median("group", subject, "p99_ms"), res.median("group", other, "p99_ms"))
     if s == "soak":
         return "—"
     metric = "cpu_pct" if s == "idle" else "rate"
-    return _ratio(res.median(s, SUBJECT, metric), res.median(s, other, metric))
+    return _ratio(res.median(s, subject, metric), res.median(s, other, metric))
 
 
 _GROUP_P99 = Scenario("group-p99", "", "", lambda *a: {})
@@ -147,6 +147,46 @@ def main_table(res: Results, layers: list[LayerSpec], sizes: Sizes) -> list[str]
             cells.append(cell(res, scenario, spec))
         cells += [ratio_cell(res, scenario, BASELINE), ratio_cell(res, scenario, CEILING)]
         lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+#: The PostgreSQL comparison of issue 6: channels-lite postgres against these layers.
+PG_SUBJECT = "lite-postgres"
+PG_OTHERS = ("redis-core", "channels-postgres")
+
+
+def postgres_table(res: Results, layers: list[LayerSpec]) -> list[str]:
+    """Ratios of channels-lite postgres to channels_redis core and channels_postgres."""
+    keys = {spec.key for spec in layers}
+    others = [k for k in PG_OTHERS if k in keys]
+    if PG_SUBJECT not in keys or not others:
+        return []
+    subject = LAYERS[PG_SUBJECT].label
+    head = ["scenario", *(f"{subject} ÷ {LAYERS[k].label}" for k in others)]
+    lines = [
+        f"## {subject} compared (issue 6)",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for scenario in SCENARIOS:
+        if scenario.growth or scenario.key not in res.runs or scenario.key == "soak":
+            continue
+        rows = [(scenario, scenario.key)]
+        if scenario.key == "group":
+            rows.append((_GROUP_P99, "group p99 delay"))
+        for row, title in rows:
+            cells = [title]
+            for k in others:
+                ok = res.ok(row.key if row is not _GROUP_P99 else "group", k)
+                cells.append(ratio_cell(res, row, k, PG_SUBJECT) if ok else "— (error)")
+            lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Rates: above 1x means channels-lite postgres is faster; latency and delay: below 1x "
+        "means it is better.",
+        "",
+    ]
     return lines
 
 
@@ -375,6 +415,7 @@ def render(
         "and lost messages are the worst repetition. Cross-process rows are n/a for "
         "in-process layers.",
         "",
+        *postgres_table(res, layers),
         *growth_tables(res, layers),
         "## Goals of issue 3 (channels-lite sqlite)",
         "",

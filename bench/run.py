@@ -27,7 +27,16 @@ if str(ROOT) not in sys.path:  # `python bench/run.py` puts bench/, not the repo
 
 from bench import legacy, xproc  # noqa: E402
 from bench.catalog import SCENARIOS, RunContext, Scenario  # noqa: E402
-from bench.layers import LAYERS, BenchEnv, LayerSpec, layer_config  # noqa: E402
+from bench.layers import LAYERS, BenchEnv, LayerSpec, drop_storage, layer_config  # noqa: E402
+from bench.postgres_server import (  # noqa: E402
+    INSTALL_HINT as PG_INSTALL_HINT,
+)
+from bench.postgres_server import (  # noqa: E402
+    PostgresServer,
+    PostgresUnavailable,
+    postgres_bin,
+    postgres_version,
+)
 from bench.redis_server import (  # noqa: E402
     INSTALL_HINT,
     RedisServer,
@@ -57,7 +66,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--layers",
         default=",".join(DEFAULT_LAYERS),
-        help=f"comma-separated, from: {', '.join(LAYERS)} (default: all but lite-0.4)",
+        help=f"comma-separated, from: {', '.join(LAYERS)} "
+        "(default: all but lite-0.4, lite-postgres, channels-postgres)",
     )
     parser.add_argument(
         "--scenarios",
@@ -127,7 +137,8 @@ class Runner:
         self.legacy_python = legacy_python
         self.notes: list[str] = []
 
-    def _remove(self, config: dict[str, Any]) -> None:
+    def _remove(self, key: str, config: dict[str, Any]) -> None:
+        drop_storage(key, config, self.env)
         path = config.get("path")
         if path:
             for suffix in ("", "-wal", "-shm", "-journal"):
@@ -182,7 +193,7 @@ class Runner:
         finally:
             xproc.terminate_all()
             for config in configs:
-                self._remove(config)
+                self._remove(spec.key, config)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -229,6 +240,32 @@ def main(argv: list[str] | None = None) -> int:
             logger.warning("skipping the channels_redis layers: %s", reason)
             notes.append(f"channels_redis layers skipped: {reason}.")
             wanted = [k for k in wanted if not LAYERS[k].needs_redis]
+    if any(LAYERS[k].needs_postgres for k in wanted):
+        missing: dict[str, str] = {}
+        if postgres_bin() is None:
+            for k in wanted:
+                if LAYERS[k].needs_postgres:
+                    missing[k] = f"PostgreSQL is not installed; {PG_INSTALL_HINT}"
+        try:
+            import psycopg  # noqa: F401
+        except ImportError:
+            missing.setdefault(
+                "lite-postgres", "psycopg is not installed; run `uv sync --extra postgres`"
+            )
+        if "channels-postgres" in wanted:
+            try:
+                import channels_postgres  # noqa: F401
+            except ImportError:
+                missing.setdefault(
+                    "channels-postgres",
+                    "channels_postgres is not installed; run with "
+                    "`uv run --with 'channels-postgres==1.1.4' python bench/run.py`",
+                )
+        for k, reason in missing.items():
+            if k in wanted:
+                logger.warning("skipping %s: %s", LAYERS[k].label, reason)
+                notes.append(f"{LAYERS[k].label} skipped: {reason}.")
+                wanted.remove(k)
     legacy_python = None
     if "lite-0.4" in wanted:
         try:
@@ -247,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     results = Results()
     server: RedisServer | None = None
+    pg: PostgresServer | None = None
     info: dict[str, str] = {}
     try:
         with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
@@ -257,14 +295,36 @@ def main(argv: list[str] | None = None) -> int:
                     logger.warning("skipping the channels_redis layers: %s", exc)
                     notes.append(f"channels_redis layers skipped: {exc}")
                     layers = [spec for spec in layers if not spec.needs_redis]
+            if any(spec.needs_postgres for spec in layers):
+                try:
+                    pg = PostgresServer()
+                    pg.start()
+                except PostgresUnavailable as exc:
+                    pg = None
+                    logger.warning("skipping the PostgreSQL layers: %s", exc)
+                    notes.append(f"PostgreSQL layers skipped: {exc}")
+                    layers = [spec for spec in layers if not spec.needs_postgres]
+                else:
+                    notes.append(
+                        f"PostgreSQL {postgres_version()} started by the harness on 127.0.0.1 "
+                        "(fsync, full_page_writes and synchronous_commit off; a fresh schema "
+                        "per channels-lite postgres instance, a fresh database per "
+                        "channels_postgres instance)."
+                    )
             info = machine(redis_server_version() if server else None)
+            if pg is not None:
+                info["postgresql"] = postgres_version() or "?"
+                if any(spec.key == "channels-postgres" for spec in layers):
+                    from importlib.metadata import version
+
+                    info["channels-postgres"] = version("channels-postgres")
             logger.info(
                 "%s run, %d repetition(s), layers: %s",
                 sizes.name,
                 args.repeat,
                 ", ".join(spec.label for spec in layers),
             )
-            env = BenchEnv(Path(tmp), server.url if server else None)
+            env = BenchEnv(Path(tmp), server.url if server else None, pg)
             runner = Runner(env, server, sizes, legacy_python)
             plan = [
                 (scenario, spec)
@@ -303,8 +363,13 @@ def main(argv: list[str] | None = None) -> int:
         xproc.terminate_all()
         if server is not None:
             server.stop()
+        if pg is not None:
+            pg.stop()
 
-    command = "uv run --with 'channels-redis>=4.2' python bench/run.py " + " ".join(
+    withs = "--with 'channels-redis>=4.2' "
+    if any(spec.key == "channels-postgres" for spec in layers):
+        withs += "--with 'channels-postgres==1.1.4' "
+    command = f"uv run {withs}python bench/run.py " + " ".join(
         argv if argv is not None else sys.argv[1:]
     )
     report = render(
