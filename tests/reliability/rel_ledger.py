@@ -24,6 +24,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -238,7 +239,7 @@ def check(
 
     # -- order ------------------------------------------------------------------------------
     for (sender, channel, reader), seqs in streams.items():
-        in_order = all(a < b for a, b in zip(seqs, seqs[1:], strict=False))
+        in_order = all(a < b for a, b in pairwise(seqs))
         if in_order:
             pass
         elif "!" in channel or channel in strict_fifo_channels:
@@ -246,7 +247,7 @@ def check(
                 f"out of order: {sender} -> {channel} read by {reader}: {_first_inversion(seqs)}"
             )
         else:
-            verdict.reordered_normal += sum(1 for a, b in zip(seqs, seqs[1:], strict=False) if b < a)
+            verdict.reordered_normal += sum(1 for a, b in pairwise(seqs) if b < a)
     # No gaps inside a group member's stream from one sender: every message the sender
     # group_sent between two that the member got reached the member too.
     sent_to_group: defaultdict[tuple[str, str], list[int]] = defaultdict(list)
@@ -268,9 +269,7 @@ def check(
             continue
         low, high = min(seqs), max(seqs)
         got = set(seqs)
-        missing = [
-            q for q in sent_to_group[(sender, group)] if low < q < high and q not in got
-        ]
+        missing = [q for q in sent_to_group[(sender, group)] if low < q < high and q not in got]
         if missing:
             verdict.problems.append(
                 f"gap: {channel} (group {group}, read by {reader}) missed {len(missing)} "
@@ -285,7 +284,7 @@ def check(
 
 
 def _first_inversion(seqs: list[int]) -> str:
-    for index, (a, b) in enumerate(zip(seqs, seqs[1:], strict=False)):
+    for index, (a, b) in enumerate(pairwise(seqs)):
         if b <= a:
             return f"#{b} after #{a} at position {index + 1} of {len(seqs)}"
     return "?"  # pragma: no cover

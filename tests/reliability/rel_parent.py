@@ -95,13 +95,12 @@ class Children:
             if event is None:
                 now = time.monotonic()
                 for tag in wanted:
-                    if self.processes[tag].exitcode is not None and tag not in self.killed:
-                        # A child reports before it exits: give the report time to arrive.
-                        if now - exited_at.setdefault(tag, now) > 3.0:
-                            pytest.fail(
-                                f"child {tag} exited ({self.processes[tag].exitcode}) "
-                                f"without {kind!r}"
-                            )
+                    exited = self.processes[tag].exitcode is not None and tag not in self.killed
+                    # A child reports before it exits: give the report time to arrive.
+                    if exited and now - exited_at.setdefault(tag, now) > 3.0:
+                        pytest.fail(
+                            f"child {tag} exited ({self.processes[tag].exitcode}) without {kind!r}"
+                        )
                 if now > deadline:
                     pytest.fail(f"no {kind!r} from {sorted(wanted)} within {timeout}s")
                 continue

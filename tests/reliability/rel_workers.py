@@ -30,7 +30,7 @@ from channels_lite.drivers.base import DriverError
 # Spawned children import this module by name: make its siblings importable too.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from rel_ledger import Ledger, memory_kb  # noqa: E402
+from rel_ledger import Ledger, memory_kb
 
 #: A failure guard only: a child that is not done by then reports an error.
 GUARD = 900.0
@@ -42,9 +42,7 @@ def child_main(
     fn: ChildFn, events: Queue[Any], commands: Queue[Any] | None, tag: str, args: tuple[Any, ...]
 ) -> None:
     """Entry point of every child: run ``fn(Child(...), *args)`` and report its outcome."""
-    logging.basicConfig(
-        level=logging.WARNING, format=f"[{tag} %(levelname)s %(name)s] %(message)s"
-    )
+    logging.basicConfig(level=logging.WARNING, format=f"[{tag} %(levelname)s %(name)s] %(message)s")
     child = Child(tag, events, commands)
     try:
         value = asyncio.run(asyncio.wait_for(fn(child, *args), GUARD))
@@ -381,11 +379,18 @@ async def plain_receiver(
 
 
 async def group_member(
-    child: Child, path: str, groups: list[str], process_timeout: float, channels: int
+    child: Child,
+    path: str,
+    groups: list[str],
+    process_timeout: float,
+    channels: int,
+    lock_timeout: float = 5.0,
 ) -> dict[str, Any]:
     """Make ``channels`` channels, put each in every group, report them, then idle with a free
     event loop, answering the parent's commands."""
-    layer = ChannelLayer(driver="sqlite", path=path, process_timeout=process_timeout)
+    layer = ChannelLayer(
+        driver="sqlite", path=path, process_timeout=process_timeout, timeout=lock_timeout
+    )
     names = [await layer.new_channel("member") for _ in range(channels)]
     for name in names:
         for group in groups:

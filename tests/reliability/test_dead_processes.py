@@ -1,13 +1,15 @@
 """Dead processes: their memberships and queued messages go within a bounded time; live ones
 keep theirs.
 
-Every process that made a channel (``new_channel``) holds a lease, renewed every
-``process_timeout / 4``. When a lease lapses, the next renewal by any other process with
-channels removes that process's messages and memberships. So a process killed at time T is
-gone from every group by ``T + 1.25 * process_timeout`` (its last renewal was at most
-``process_timeout / 4`` before T; the lease ran ``process_timeout`` from there; the next
-renewal elsewhere comes at most ``process_timeout / 4`` after it lapsed), provided some live
-process has channels. These tests use ``process_timeout=2`` s (docs/reliability.md).
+Every process that made a channel (``new_channel``) holds a lease of ``process_timeout``
+seconds, renewed every ``process_timeout / 4``. Once a lease has lapsed for another
+``process_timeout`` (a grace period, so that a stalled database does not make live processes
+look dead), the next renewal by any other process with channels removes that process's
+messages and memberships. So a process killed at time T is gone from every group by
+``T + 2.25 * process_timeout`` (its last renewal was at most ``process_timeout / 4`` before T;
+its lease ran ``process_timeout`` from there, then the grace of ``process_timeout``; the next
+renewal elsewhere comes at most ``process_timeout / 4`` later), provided some live process has
+channels. These tests use ``process_timeout=2`` s (docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from channels_lite import ChannelLayer  # noqa: E402
 
 TIMEOUT = 2.0
 #: The documented bound, plus room for a busy machine (event loops run late under load).
-BOUND = 1.25 * TIMEOUT + 1.5
+BOUND = 2.25 * TIMEOUT + 2.0
 GROUPS = ["dead.room", "dead.lobby"]
 
 
@@ -76,8 +78,9 @@ def queued_for(db: str, key: str) -> int:
     conn = sqlite3.connect(db)
     try:
         return int(
-            conn.execute("SELECT count(*) FROM channels_lite_messages WHERE key = ?", (key,))
-            .fetchone()[0]
+            conn.execute(
+                "SELECT count(*) FROM channels_lite_messages WHERE key = ?", (key,)
+            ).fetchone()[0]
         )
     finally:
         conn.close()
@@ -87,7 +90,7 @@ async def test_killed_process_removed_within_bound_live_idle_process_kept(
     children: Children, survivor: ChannelLayer, db: str
 ) -> None:
     """``kill -9`` of a process with channels in two groups and messages waiting for them:
-    within 1.25 x process_timeout its memberships and messages are gone. Another process that
+    within 2.25 x process_timeout its memberships and messages are gone. Another process that
     stays idle (event loop free) for longer than process_timeout keeps its membership."""
     children.start("doomed", workers.group_member, db, GROUPS, TIMEOUT, 2)
     children.start("idle", workers.group_member, db, GROUPS[:1], TIMEOUT, 1)
@@ -104,9 +107,9 @@ async def test_killed_process_removed_within_bound_live_idle_process_kept(
 
     os.kill(doomed["pid"], signal.SIGKILL)
     killed_at = time.monotonic()
-    while set(doomed["channels"]) & set(await members(survivor, GROUPS[0]) + await members(
-        survivor, GROUPS[1]
-    )):
+    while set(doomed["channels"]) & set(
+        await members(survivor, GROUPS[0]) + await members(survivor, GROUPS[1])
+    ):
         assert time.monotonic() - killed_at < BOUND, "the dead process was not reaped in time"
         await asyncio.sleep(0.05)
     took = time.monotonic() - killed_at
@@ -135,7 +138,7 @@ async def test_suspended_process_is_reaped_and_says_so(
     try:
         stopped_at = time.monotonic()
         while sleeper["channels"][0] in await members(survivor, GROUPS[0]):
-            assert time.monotonic() - stopped_at < BOUND
+            assert time.monotonic() - stopped_at < 10 * TIMEOUT  # a hang guard; see the test above
             await asyncio.sleep(0.05)
     finally:
         os.kill(sleeper["pid"], signal.SIGCONT)
@@ -149,18 +152,12 @@ async def test_suspended_process_is_reaped_and_says_so(
     assert "join again" in errors[0]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="driver/conformance: a database stalled for longer than process_timeout (a lock "
-    "held by a stopped process, a suspended machine) makes every lease lapse, and the first "
-    "renewal afterwards reaps every live process (see the reliability report)",
-)
 async def test_stalled_database_does_not_reap_live_processes(
     children: Children, survivor: ChannelLayer, db: str
 ) -> None:
-    """Another process holds the write lock for longer than process_timeout (but less than the
-    driver's lock timeout, so nothing fails): nobody could renew, so nobody is dead; every live
-    process keeps its memberships."""
+    """Another process holds the write lock for 1.5 x process_timeout (less than the driver's
+    lock timeout, so nothing fails): every lease lapses, nobody could renew, so nobody is dead;
+    the grace period keeps every live process's memberships."""
     mine = await survivor.new_channel()
     await survivor.group_add(GROUPS[0], mine)
     children.start("live", workers.group_member, db, GROUPS[:1], TIMEOUT, 1)
@@ -171,3 +168,29 @@ async def test_stalled_database_does_not_reap_live_processes(
     assert await members(survivor, GROUPS[0]) == sorted([*live["channels"], mine])
     children.send("live", "stop")
     await asyncio.to_thread(children.finish, ["live"])
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="core/driver: the reaping grace covers stalls of up to ~1.75 x process_timeout; a "
+    "longer one (a suspended machine or VM, a lock held by a stopped process) still makes the "
+    "first renewal afterwards reap every live process (see the reliability report)",
+)
+async def test_long_stall_does_not_reap_live_processes(children: Children, db: str) -> None:
+    """As above, with the database stalled for 3.5 x process_timeout (process_timeout=1 s and
+    drivers that wait up to 8 s for the lock, so that every renewal waits rather than fails)."""
+    timeout = 1.0
+    survivor = ChannelLayer(driver="sqlite", path=db, process_timeout=timeout, timeout=8.0)
+    try:
+        mine = await survivor.new_channel()
+        await survivor.group_add(GROUPS[0], mine)
+        children.start("live", workers.group_member, db, GROUPS[:1], timeout, 1, 8.0)
+        live = await expect(children, "members", "live")
+        with write_lock_held(db, 3.5 * timeout) as holder:
+            await asyncio.to_thread(holder.wait, 30)
+        await asyncio.sleep(2 * timeout)  # renewals resume; a wrong reaping would happen now
+        assert await members(survivor, GROUPS[0]) == sorted([*live["channels"], mine])
+        children.send("live", "stop")
+        await asyncio.to_thread(children.finish, ["live"])
+    finally:
+        await survivor.close()

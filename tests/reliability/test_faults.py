@@ -18,6 +18,7 @@ docs/reliability.md has the same table with what happens in each case.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -76,10 +77,8 @@ async def make_layer(db: str) -> AsyncIterator[Callable[..., ChannelLayer]]:
 
     yield make
     for layer in layers:
-        try:
+        with contextlib.suppress(DriverError):
             await layer.close()
-        except DriverError:
-            pass
 
 
 @pytest.fixture
@@ -126,16 +125,16 @@ def test_kill_sender_and_receiver_mid_stream_then_restart(
     accepted messages all arrive; the restarted ones carry on; nothing arrives twice."""
     ledgers = str(tmp_path)
     for tag in ("r0", "r1"):
-        children.start(tag, workers.plain_receiver, db, ledgers, WORK, 1.0)
+        children.start(tag, workers.plain_receiver, db, ledgers, WORK, 0.5)
     children.expect("ready", ["r0", "r1"])
     children.start("s0", workers.paced_sender, db, ledgers, WORK, 2000, 0.002)
-    children.wait_progress("s0", 150)
+    children.wait_progress("s0", 100)
     children.kill("s0")
-    children.start("s1", workers.paced_sender, db, ledgers, WORK, 400, 0.002)
+    children.start("s1", workers.paced_sender, db, ledgers, WORK, 300, 0.002)
     children.wait_progress("s1", 50)
     children.wait_progress("r0", children.progress.get("r0", 0) + 10)
     children.kill("r0")
-    children.start("r2", workers.plain_receiver, db, ledgers, WORK, 1.0)
+    children.start("r2", workers.plain_receiver, db, ledgers, WORK, 0.5)
     children.expect("ready", ["r2"])
     children.finish(["s1"])
     children.broadcast("drain", ["r1", "r2"])
@@ -149,7 +148,7 @@ def test_kill_sender_and_receiver_mid_stream_then_restart(
         claim_allowance_per_kill=1,
     )
     assert not verdict.problems, verdict.problems
-    assert verdict.sent >= 300
+    assert verdict.sent >= 200
     assert verdict.ambiguous <= 1  # the send s0 was inside when killed
     assert verdict.lost_claimed_by_dead <= 1  # the receive r0 was inside when killed
     assert verdict.delivered >= verdict.sent - 1
@@ -405,11 +404,6 @@ async def test_disk_full_clear_error_accepted_messages_intact(
     assert await drain(layer, "fault.plain-member") == [{"n": "after"}]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core: group_send hands the message to this process's own members before it stores "
-    "it for the others, so a storage error leaves it half-delivered (see the reliability report)",
-)
 async def test_group_send_that_fails_delivers_to_no_member(
     make_layer: Callable[..., ChannelLayer],
 ) -> None:
@@ -510,8 +504,8 @@ def test_file_deleted_while_processes_run(
     """``rm`` of the database while a process uses it: the process notices (on its next use of
     the database; a waiting receiver's claims count), logs an ERROR naming the path and what to
     do, moves what the deleted file still held into the new file at the path (created 0600),
-    and carries on; processes started after the deletion see its messages and memberships. The
-    old file's connection is never closed (closing it would delete the new file's -wal/-shm)."""
+    and carries on; processes started after the deletion see its messages and memberships.
+    Its exit does not disturb the new file."""
     children.start("holder", workers.ghost_holder, db)
     holder_channel = children.expect("ready", ["holder"])["holder"]
     os.unlink(db)
@@ -599,3 +593,65 @@ async def test_directory_removed_while_running(
         assert [m["n"] for m in await drain(layer, WORK)] == [1, 3]
     finally:
         await layer.close()
+
+
+@posix_only
+async def test_closing_a_connection_to_a_deleted_file_spares_the_new_one(tmp_path: Path) -> None:
+    """A process closes its layer right after its database was deleted, before using it
+    again. The last connection to a WAL database normally checkpoints it and deletes
+    ``-wal``/``-shm`` by name, and those names now belong to the new database another process
+    created: SQLite must see that the file moved and leave them alone."""
+    path = str(tmp_path / "db.sqlite3")
+    old = ChannelLayer(driver="sqlite", path=path)
+    await old.send(WORK, {"n": "in-the-deleted-file"})
+    for suffix in ("", "-wal", "-shm"):
+        os.unlink(path + suffix)
+    new = ChannelLayer(driver="sqlite", path=path)
+    try:
+        await new.send(WORK, {"n": "in-the-new-file"})
+        wal = os.stat(path + "-wal").st_ino
+        await old.close()
+        assert os.stat(path + "-wal").st_ino == wal  # not deleted by the old connection
+        assert await drain(new, WORK) == [{"n": "in-the-new-file"}]
+    finally:
+        await new.close()
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    finally:
+        conn.close()
+
+
+_OPEN_AND_CLOSE = """
+import sqlite3, sys
+conn = sqlite3.connect(sys.argv[1])
+conn.execute("SELECT count(*) FROM channels_lite_messages").fetchall()
+conn.close()
+"""
+
+
+@posix_only
+async def test_opening_another_loop_keeps_this_process_locks(tmp_path: Path) -> None:
+    """Every event loop that uses the layer opens its own driver. If opening one closed any
+    descriptor of the database file, the kernel would drop every POSIX lock this process holds
+    on it (the locks of its other SQLite connections included); another process closing its
+    last connection would then think itself the last user and delete the -wal under us,
+    losing what we commit next ("disk I/O error")."""
+    path = str(tmp_path / "db.sqlite3")
+    layer = ChannelLayer(driver="sqlite", path=path)
+    try:
+        await layer.send(WORK, {"n": 1})
+        # A second event loop (as async_to_sync makes) opens a second driver in this process.
+        await asyncio.to_thread(asyncio.run, layer.send(WORK, {"n": 2}))
+        # Another process opens the database and closes its only connection.
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-c", _OPEN_AND_CLOSE, path)
+        assert await proc.wait() == 0
+        assert os.path.exists(path + "-wal")
+        await layer.send(WORK, {"n": 3})
+    finally:
+        await layer.close()
+    reader = ChannelLayer(driver="sqlite", path=path)
+    try:
+        assert [m["n"] for m in await drain(reader, WORK)] == [1, 2, 3]
+    finally:
+        await reader.close()

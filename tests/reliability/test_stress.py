@@ -88,7 +88,7 @@ class _Faults:
         self.started = 0
 
     def start(self, tag: str) -> None:
-        base = tag.split(".")[0]
+        base = tag.split(".", maxsplit=1)[0]
         self.children.start(tag, workers.stress_worker, self.plan, base == "w0")
         self.started += 1
 
@@ -201,14 +201,13 @@ async def _collect_leftovers(plan: workers.StressPlan, tmp_path: Path) -> None:
                     break
                 if message.get("type") == "stress.end":
                     continue
-                ledger.write(
-                    "recv", id=message["id"], ch=channel, s=message["s"], q=message["q"]
-                )
+                ledger.write("recv", id=message["id"], ch=channel, s=message["s"], q=message["q"])
     finally:
         await layer.close()
         ledger.close()
 
 
+@pytest.mark.timeout(SOAK + 600 if SOAK else 240)  # the suite's 120 s would cut a soak short
 def test_processes_share_one_file_without_loss_or_duplicates(
     children: Children, tmp_path: Path
 ) -> None:

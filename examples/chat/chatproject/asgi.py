@@ -12,9 +12,10 @@ django_asgi_app = get_asgi_application()  # set Django up before importing consu
 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
+from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
+
 from chat.lifespan import Lifespan  # noqa: E402
 from chat.routing import websocket_urlpatterns  # noqa: E402
-from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 
 application = ProtocolTypeRouter(
     {

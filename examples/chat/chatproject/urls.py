@@ -1,5 +1,6 @@
-from chat import views
 from django.urls import path
+
+from chat import views
 
 urlpatterns = [
     path("", views.index, name="index"),

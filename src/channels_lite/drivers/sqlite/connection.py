@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import functools
 import logging
 import os
@@ -12,7 +11,7 @@ import random
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
-from typing import TypeVar
+from typing import Any, Generic, TypeVar
 from urllib.parse import quote
 
 import aiosqlite
@@ -98,27 +97,6 @@ def _same_file(path: str, identity: Identity) -> None:
         raise FileReplaced(path)
 
 
-#: Connections to deleted files, kept open until the process exits (see _keep_open_forever).
-_ORPHANS: list[sqlite3.Connection] = []
-
-
-def _keep_open_forever(raw: sqlite3.Connection) -> None:
-    """Never close ``raw``, a connection to a file that was deleted or replaced.
-
-    When the last connection to a WAL database closes, SQLite checkpoints and deletes
-    ``<path>-wal`` and ``<path>-shm`` *by name*: after a deletion those names belong to the
-    new database at the path, whose live files would vanish under its users (SQLite's
-    "unlinking a database while in use" corruption). Python's sqlite3 cannot set
-    ``SQLITE_FCNTL_PERSIST_WAL`` or ``SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE`` on 3.11, so the
-    connection is leaked on purpose: an extra reference keeps even interpreter shutdown from
-    closing it; the kernel releases its file descriptors when the process exits.
-    """
-    if isinstance(raw, _Raw):
-        raw.guard = None
-    _ORPHANS.append(raw)
-    ctypes.pythonapi.Py_IncRef(ctypes.py_object(raw))
-
-
 async def _in_worker(conn: aiosqlite.Connection, fn: Callable[[], T]) -> T:
     """Run ``fn`` inside ``conn``'s worker thread and return its result.
 
@@ -131,11 +109,66 @@ async def _in_worker(conn: aiosqlite.Connection, fn: Callable[[], T]) -> T:
     return result
 
 
-class _Abandoned:
-    """What a hop returns when its caller was cancelled before the worker reached it."""
+class _GuardedCall(Generic[T]):
+    """``fn``, to run once in the worker thread unless abandoned before it starts.
+
+    Its outcome is reported through ``outcome``, a plain future of the caller's loop, not
+    through the aiosqlite call's own future: that one belongs to a Task, and ``asyncio.run()``
+    cancels every Task of a loop it shuts down (an ``async_to_sync`` call ending), which would
+    drop a result the worker already produced: a claim's messages, a push's "stored".
+    """
+
+    def __init__(
+        self, fn: Callable[[], T], loop: asyncio.AbstractEventLoop, outcome: asyncio.Future[T]
+    ) -> None:
+        self._fn = fn
+        self._loop = loop
+        self._outcome = outcome
+        self._gate = threading.Lock()
+        self.started = False
+        self.abandoned = False
+
+    def abandon(self) -> bool:
+        """Make sure ``fn`` never starts; False if it already has (its outcome will come)."""
+        with self._gate:
+            if not self.started:
+                self.abandoned = True
+            return self.abandoned
+
+    def __call__(self) -> None:
+        with self._gate:
+            if self.abandoned:
+                return
+            self.started = True
+        try:
+            result = self._fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller as is
+            self._report(None, exc)
+        else:
+            self._report(result, None)
+
+    def _report(self, result: T | None, exc: BaseException | None) -> None:
+        try:
+            self._loop.call_soon_threadsafe(_settle, self._outcome, result, exc)
+        except RuntimeError:
+            # The caller's loop closed while it waited for us, which asyncio does not do to a
+            # pending task; nothing can receive this outcome any more.
+            logger.exception("SQLite call finished after its event loop closed; result lost")
 
 
-_ABANDONED = _Abandoned()
+def _settle(future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
+    if future.done():
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(result)
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    # The transport's own outcome is not reported (see _GuardedCall); just mark it retrieved.
+    if not task.cancelled():
+        task.exception()
 
 
 async def _in_worker_finishing(conn: aiosqlite.Connection, fn: Callable[[], T]) -> T:
@@ -143,31 +176,41 @@ async def _in_worker_finishing(conn: aiosqlite.Connection, fn: Callable[[], T]) 
 
     Once queued, a call cannot be taken back from aiosqlite's worker. On cancellation we tell
     the worker to skip ``fn`` if it has not begun; if it has, we wait for it and return its
-    result, so that a claim never removes messages that nobody receives.
+    result (the caller checks ``Task.cancelling()``), so that a claim never removes messages
+    that nobody receives and a push never reports "not stored" for a stored message.
     """
-    abandon = threading.Event()
-
-    def guarded() -> T | _Abandoned:
-        # Event gives the ordering guarantee between this check and abandon.set().
-        if abandon.is_set():
-            return _ABANDONED
-        return fn()
-
-    hop: asyncio.Future[T | _Abandoned] = asyncio.ensure_future(_in_worker(conn, guarded))
+    loop = asyncio.get_running_loop()
+    outcome: asyncio.Future[T] = loop.create_future()
+    call = _GuardedCall(fn, loop, outcome)
+    hop = asyncio.ensure_future(_in_worker(conn, call))
+    hop.add_done_callback(_retrieve)
     cancelled = False
-    while not hop.done():
+    waiting: set[asyncio.Future[Any]] = {outcome, hop}
+    while not outcome.done():
         try:
-            await asyncio.wait({hop})
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
             cancelled = True
-            abandon.set()
-    if cancelled and hop.exception() is not None:
+            if call.abandon():
+                raise  # fn never started and never will: nothing was done
+            continue  # fn is running: wait for its outcome
+        if outcome.done() or not hop.done():
+            continue
+        waiting = {outcome}  # the transport is done: from now on only the outcome counts
+        if hop.cancelled():
+            # A cancelled transport (asyncio.run cancelling every task) does not stop the
+            # worker, which still runs fn; its outcome comes through ``outcome``.
+            continue
+        exc = hop.exception()
+        if exc is not None and not call.started:
+            raise exc  # never queued, e.g. the connection was closed meanwhile
+        if call.abandoned:
+            raise asyncio.CancelledError
+        # The worker ran fn; its outcome is already on its way to ``outcome``.
+    if cancelled and outcome.exception() is not None:
         # The transaction failed and rolled back, so nothing was taken: the cancellation wins.
         raise asyncio.CancelledError
-    result = hop.result()
-    if isinstance(result, _Abandoned):
-        raise asyncio.CancelledError  # the worker skipped fn: nothing was taken
-    return result
+    return outcome.result()
 
 
 def database_uri(path: str, *, read_only: bool = False) -> str:
@@ -308,7 +351,10 @@ class Connection:
             aconn._connection = new
         self._raw = new
         self.switches += 1
-        _keep_open_forever(old)
+        # Closing it is safe: SQLite sees that the file moved (SQLITE_FCNTL_HAS_MOVED) and
+        # neither checkpoints it nor deletes "<path>-wal"/"-shm", which now belong to the new
+        # database.
+        old.close()
         logger.error(
             "SQLite database %s was deleted or replaced while this process had it open. "
             "channels-lite moved to the file now at that path and carried over what the old "
@@ -338,35 +384,15 @@ class Connection:
 
     async def close(self) -> None:
         aconn, self._aconn = self._aconn, None
-        raw, self._raw = self._raw, None
+        self._raw = None
         if aconn is None:
             return
         try:
-            if raw is not None and self._adopt is not None and self._replaced(raw):
-                # See _keep_open_forever: closing it could delete the new file's -wal/-shm.
-                logger.error(
-                    "SQLite database %s was deleted or replaced while this process had it "
-                    "open; its connection is left open until the process exits",
-                    self.path,
-                )
-                _keep_open_forever(raw)
-                aconn._connection = None  # aiosqlite then only stops its thread
-                stopped = aconn.stop()
-                if stopped is not None:
-                    await stopped
-            else:
-                await aconn.close()
+            await aconn.close()
         except sqlite3.Error as exc:
             logger.warning("closing SQLite connection to %s failed: %s", self.path, exc)
         finally:
             self._join_thread()
-
-    def _replaced(self, raw: sqlite3.Connection) -> bool:
-        try:
-            check_file(raw)
-        except FileReplaced:
-            return True
-        return False
 
     def _join_thread(self) -> None:
         thread, self._thread = self._thread, None

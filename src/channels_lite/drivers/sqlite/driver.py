@@ -284,11 +284,11 @@ class SQLiteDriver(Driver):
             )
         elif previous is not None and previous <= now:
             logger.warning(
-                "channels-lite: the lease of this process (%s) in %s had lapsed %.1f s ago "
-                "before it was renewed (event loop blocked?); nothing was removed yet",
+                "channels-lite: the lease of this process (%s) in %s had lapsed before it was "
+                "renewed (its event loop was blocked, or storage stalled); nothing was removed "
+                "yet",
                 process_key,
                 self.path,
-                now - previous,
             )
         _LEASED.add(leased)
         return dead

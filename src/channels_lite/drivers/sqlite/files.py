@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import secrets
 
 from channels_lite.drivers.base import DriverError
 
@@ -43,33 +45,68 @@ def prepare_file(path: str) -> None:
             f"SQLite database path {path!r} is a directory; set CONFIG['path'] to a file, "
             f"e.g. {suggestion!r}"
         )
-    existed = os.path.exists(path)
-    if not existed:
-        _remove_orphaned_companions(path)
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
-    except PermissionError as exc:
-        if existed:
+    if os.path.exists(path):
+        # Never open (and so never close) a descriptor of an existing database: closing any
+        # descriptor of a file drops every POSIX lock this process holds on it, including the
+        # locks of SQLite connections in other threads, and then another process may take the
+        # database for unused and checkpoint and delete its -wal under them.
+        if not os.access(path, os.R_OK | os.W_OK):
             raise DriverError(
                 f"SQLite database {path!r} is not writable by this user; make it writable "
                 "(e.g. chmod u+rw), run as its owner, or set CONFIG['path']"
-            ) from exc
-        raise DriverError(
-            f"cannot create SQLite database {path!r}: directory {directory!r} is not writable "
-            "by this user; make it writable, or set CONFIG['path']"
-        ) from exc
-    except OSError as exc:
-        raise DriverError(
-            f"cannot open SQLite database {path!r}: {exc.strerror}; check the path, or set "
-            "CONFIG['path']"
-        ) from exc
-    os.close(fd)
+            )
+    else:
+        _remove_orphaned_companions(path)
+        _create_private(path, directory)
     if not os.access(directory, os.W_OK | os.X_OK):
         raise DriverError(
             f"directory {directory!r} of SQLite database {path!r} is not writable by this user; "
             f"SQLite must create {os.path.basename(path)}-wal and -shm next to the database. "
             "Make the directory writable, or set CONFIG['path']"
         )
+
+
+def _create_private(path: str, directory: str) -> None:
+    """Create ``path`` empty and owner-only, without ever opening ``path`` itself.
+
+    The file is made under a temporary name and hard-linked into place, so that no descriptor
+    of the database is ever closed by this process (see prepare_file) and a concurrent creator
+    is never overwritten (``link`` fails if the name exists). Filesystems without hard links
+    fall back to an exclusive create.
+    """
+    # Unique per call: two event loops of one process may create the database at once.
+    temporary = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(8)}.new")
+    try:
+        fd = os.open(
+            temporary,
+            os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0),
+            0o600,
+        )
+        os.close(fd)
+    except PermissionError as exc:
+        raise DriverError(
+            f"cannot create SQLite database {path!r}: directory {directory!r} is not writable "
+            "by this user; make it writable, or set CONFIG['path']"
+        ) from exc
+    except OSError as exc:
+        raise DriverError(
+            f"cannot create SQLite database {path!r}: {exc.strerror}; check the path, or set "
+            "CONFIG['path']"
+        ) from exc
+    try:
+        os.link(temporary, path)
+    except FileExistsError:
+        pass  # another process or thread created it first: use theirs
+    except OSError:
+        # No hard links here (some network or FUSE filesystems): create in place, exclusively.
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            os.close(fd)
+        except FileExistsError:
+            pass
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
 
 
 def _remove_orphaned_companions(path: str) -> None:
