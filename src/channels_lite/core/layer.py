@@ -26,7 +26,7 @@ from .cadence import Backoff
 from .codec import Codec, DecodeError, make_serializer
 from .config import LayerConfig, default_sqlite_path, parse_config
 from .errors import ConfigurationError
-from .inbox import Inbox, Waiter
+from .inbox import Inbox
 from .loops import LoopDrivers
 from .ratelimit import RateLimitedLog
 from .receiver import ClaimLoop
@@ -98,6 +98,7 @@ class ChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         self._made_channels = False
         self._inbox = Inbox(settings.capacity.for_channel, self._orphan)
         self._requeues: set[asyncio.Task[None]] = set()
+        self._watched_loops: set[asyncio.AbstractEventLoop] = set()
         self._drivers = LoopDrivers(self._primary, self._on_loop_close)
         self._tasks_lock = threading.Lock()
         self._claimer: ClaimLoop | None = None
@@ -174,6 +175,7 @@ class ChannelLayer(BaseChannelLayer):  # type: ignore[misc]
             claimer.wake()
 
     async def _on_loop_close(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._watched_loops.discard(loop)
         await self._settle_requeues(loop)
         claimer_moved = self._claimer is not None and self._claimer.loop is loop
         for task_owner in (self._claimer, self._upkeep):
@@ -233,18 +235,26 @@ class ChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         if state.opened:
             self._ensure_claimer(loop, state.driver).wake()
 
-    def _check_claimer(self, loop: asyncio.AbstractEventLoop, waiter: Waiter) -> None:
-        """Safety net for a waiting receiver: the claim loop serving it must be alive."""
-        if waiter.future.done():
+    def _arm_watchdog(self, loop: asyncio.AbstractEventLoop) -> None:
+        # One timer per loop with waiting receivers, not one per receiver: a server with
+        # thousands of idle consumers must stay idle.
+        if loop not in self._watched_loops:
+            self._watched_loops.add(loop)
+            loop.call_later(_CLAIMER_CHECK, self._watchdog, loop)
+
+    def _watchdog(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Safety net for waiting receivers: the claim loop serving them must be alive."""
+        if loop not in self._inbox.waiting_loops():
+            self._watched_loops.discard(loop)
             return
         claimer = self._claimer
         if claimer is None or not claimer.alive():
             # Through _driver(): the layer may have been closed (and its drivers with it)
-            # while this receiver waited.
+            # while these receivers waited.
             task = loop.create_task(self._revive_claimer(loop))
             self._requeues.add(task)
             task.add_done_callback(self._requeues.discard)
-        loop.call_later(_CLAIMER_CHECK, self._check_claimer, loop, waiter)
+        loop.call_later(_CLAIMER_CHECK, self._watchdog, loop)
 
     async def _revive_claimer(self, loop: asyncio.AbstractEventLoop) -> None:
         try:
@@ -314,14 +324,12 @@ class ChannelLayer(BaseChannelLayer):  # type: ignore[misc]
             if isinstance(got, Claimed):
                 claimed = got
             else:
-                check = loop.call_later(_CLAIMER_CHECK, self._check_claimer, loop, got)
+                self._arm_watchdog(loop)
                 try:
                     claimed = await got.future
                 except asyncio.CancelledError:
                     self._inbox.abandon(got)
                     raise
-                finally:
-                    check.cancel()
             try:
                 return self._codec.decode(claimed.payload)
             except DecodeError as exc:
