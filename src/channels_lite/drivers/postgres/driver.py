@@ -41,6 +41,7 @@ from channels_lite.drivers.base import (
     Envelope,
     StorageStats,
 )
+from channels_lite.drivers.listeners import ChangeListeners
 from channels_lite.drivers.postgres.options import (
     LONGEST_SUFFIX,
     Target,
@@ -141,9 +142,8 @@ class PostgresDriver(Driver):
         self._ops: Statements | None = None
         self._open_lock = asyncio.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._listeners: list[Callable[[], None]] = []
+        self._listeners = ChangeListeners(logger)
         self._listener: Listener | None = None
-        self._stopping: set[asyncio.Task[None]] = set()
 
     def describe(self) -> str:
         where = (
@@ -227,8 +227,7 @@ class PostgresDriver(Driver):
         listener, self._listener = self._listener, None
         if listener is not None:
             await listener.stop()
-        while self._stopping:
-            await asyncio.wait(set(self._stopping))
+        await self._listeners.settle()
         pool, self._pool = self._pool, None
         self._loop = None
         if pool is not None:
@@ -239,7 +238,7 @@ class PostgresDriver(Driver):
         listener, self._listener = self._listener, None
         if listener is not None:
             listener.close_now()
-        self._stopping.clear()
+        self._listeners.forget_stops()
         pool, self._pool = self._pool, None
         self._loop = None
         if pool is not None:
@@ -346,22 +345,15 @@ class PostgresDriver(Driver):
     # -- ChangeNotifier ----------------------------------------------------------------------
 
     def add_change_listener(self, callback: Callable[[], None]) -> None:
-        self._listeners.append(callback)
+        self._listeners.add(callback)
         if self._pool is not None and self._listener is None:
             self._start_listener()
 
     def remove_change_listener(self, callback: Callable[[], None]) -> None:
-        try:
-            self._listeners.remove(callback)
-        except ValueError:
-            return
-        if not self._listeners and self._listener is not None:
+        if self._listeners.remove(callback) and self._listener is not None:
             listener, self._listener = self._listener, None
-            # Listeners are removed from synchronous code; close() awaits what is left.
             loop = self._loop or asyncio.get_running_loop()
-            task = loop.create_task(listener.stop())
-            self._stopping.add(task)
-            task.add_done_callback(self._stopping.discard)
+            self._listeners.stop_in_background(loop, listener.stop())
 
     def _start_listener(self) -> None:
         from channels_lite.drivers.postgres.wakeups import Listener
@@ -369,14 +361,7 @@ class PostgresDriver(Driver):
         if self._loop is None or self.target is None or self._ops is None:
             return
         listener = Listener(
-            self.target, self._ops.tables.namespace, self._changed, timeout=self.timeout
+            self.target, self._ops.tables.namespace, self._listeners.notify, timeout=self.timeout
         )
         self._listener = listener
         listener.start(self._loop)
-
-    def _changed(self) -> None:
-        for callback in tuple(self._listeners):
-            try:
-                callback()
-            except Exception:
-                logger.exception("change listener %r failed", callback)

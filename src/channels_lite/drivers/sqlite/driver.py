@@ -22,6 +22,7 @@ from channels_lite.drivers.base import (
     Envelope,
     StorageStats,
 )
+from channels_lite.drivers.listeners import ChangeListeners
 from channels_lite.drivers.sqlite import ops
 from channels_lite.drivers.sqlite.connection import Connection
 from channels_lite.drivers.sqlite.files import default_path, prepare_file
@@ -146,9 +147,8 @@ class SQLiteDriver(Driver):
         self._conn: Connection | None = None
         self._open_lock = asyncio.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._listeners: list[Callable[[], None]] = []
+        self._listeners = ChangeListeners(logger)
         self._watcher: Watcher | None = None
-        self._stopping: set[asyncio.Task[None]] = set()
 
     def describe(self) -> str:
         return f"sqlite at {self.path}"
@@ -200,8 +200,7 @@ class SQLiteDriver(Driver):
         watcher, self._watcher = self._watcher, None
         if watcher is not None:
             await watcher.stop()
-        while self._stopping:
-            await asyncio.wait(set(self._stopping))
+        await self._listeners.settle()
         conn, self._conn = self._conn, None
         if conn is not None:
             await conn.close()
@@ -310,42 +309,26 @@ class SQLiteDriver(Driver):
     # -- ChangeNotifier ----------------------------------------------------------------------
 
     def add_change_listener(self, callback: Callable[[], None]) -> None:
-        self._listeners.append(callback)
+        self._listeners.add(callback)
         if self._conn is not None and self._watcher is None:
             self._start_watcher()
 
     def remove_change_listener(self, callback: Callable[[], None]) -> None:
-        try:
-            self._listeners.remove(callback)
-        except ValueError:
-            return
-        if not self._listeners and self._watcher is not None:
+        if self._listeners.remove(callback) and self._watcher is not None:
             watcher, self._watcher = self._watcher, None
-            # Listeners are removed from synchronous code; close() awaits what is left.
             loop = self._loop or asyncio.get_running_loop()
-            task = loop.create_task(watcher.stop())
-            self._stopping.add(task)
-            task.add_done_callback(self._stopping.discard)
+            self._listeners.stop_in_background(loop, watcher.stop())
 
     def _start_watcher(self) -> None:
         if self._loop is None:
             return
-        self._watcher = start_watcher(self._loop, self.path, self.timeout, self._changed)
+        self._watcher = start_watcher(self._loop, self.path, self.timeout, self._listeners.notify)
 
     def _file_switched(self) -> None:
         """The connection moved to a new file at the path: re-aim a data_version poller
         (an inotify watcher watches the directory and needs nothing)."""
         if isinstance(self._watcher, DataVersionPoller) and self._listeners:
             old, self._watcher = self._watcher, None
-            task = asyncio.get_running_loop().create_task(old.stop())
-            self._stopping.add(task)
-            task.add_done_callback(self._stopping.discard)
+            self._listeners.stop_in_background(asyncio.get_running_loop(), old.stop())
             self._start_watcher()
-        self._changed()  # the new file may hold messages nobody was told about
-
-    def _changed(self) -> None:
-        for callback in tuple(self._listeners):
-            try:
-                callback()
-            except Exception:
-                logger.exception("change listener %r failed", callback)
+        self._listeners.notify()  # the new file may hold messages nobody was told about
