@@ -97,7 +97,8 @@ class ChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         self._process_key = f"{self.client_id}!"
         self._made_channels = False
         self._inbox = Inbox(settings.capacity.for_channel, self._orphan)
-        self._requeues: set[asyncio.Task[None]] = set()
+        # Requeues of orphaned messages and claim-loop revivals, awaited on close.
+        self._background: set[asyncio.Task[None]] = set()
         self._watched_loops: set[asyncio.AbstractEventLoop] = set()
         self._drivers = LoopDrivers(self._primary, self._on_loop_close)
         self._tasks_lock = threading.Lock()
@@ -176,7 +177,7 @@ class ChannelLayer(BaseChannelLayer):  # type: ignore[misc]
 
     async def _on_loop_close(self, loop: asyncio.AbstractEventLoop) -> None:
         self._watched_loops.discard(loop)
-        await self._settle_requeues(loop)
+        await self._settle_background(loop)
         claimer_moved = self._claimer is not None and self._claimer.loop is loop
         for task_owner in (self._claimer, self._upkeep):
             if task_owner is not None and task_owner.loop is loop:
@@ -194,8 +195,8 @@ class ChannelLayer(BaseChannelLayer):  # type: ignore[misc]
 
     def _orphan(self, message: Claimed) -> None:
         task = asyncio.get_running_loop().create_task(self._requeue(message))
-        self._requeues.add(task)
-        task.add_done_callback(self._requeues.discard)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _requeue(self, message: Claimed) -> None:
         """Return a claimed normal-channel message to storage (its receiver was cancelled).
@@ -223,8 +224,8 @@ class ChannelLayer(BaseChannelLayer):  # type: ignore[misc]
             self._wake_for({message.key})
             return
 
-    async def _settle_requeues(self, loop: asyncio.AbstractEventLoop | None) -> None:
-        pending = [t for t in self._requeues if loop is None or t.get_loop() is loop]
+    async def _settle_background(self, loop: asyncio.AbstractEventLoop | None) -> None:
+        pending = [t for t in self._background if loop is None or t.get_loop() is loop]
         current = asyncio.get_running_loop()
         for task in pending:
             if task.get_loop() is current:
@@ -252,8 +253,8 @@ class ChannelLayer(BaseChannelLayer):  # type: ignore[misc]
             # Through _driver(): the layer may have been closed (and its drivers with it)
             # while these receivers waited.
             task = loop.create_task(self._revive_claimer(loop))
-            self._requeues.add(task)
-            task.add_done_callback(self._requeues.discard)
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
         loop.call_later(_CLAIMER_CHECK, self._watchdog, loop)
 
     async def _revive_claimer(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -418,7 +419,7 @@ class ChannelLayer(BaseChannelLayer):  # type: ignore[misc]
 
     async def close(self) -> None:
         """Stop background work and close every driver instance. The layer can be reused."""
-        await self._settle_requeues(asyncio.get_running_loop())
+        await self._settle_background(asyncio.get_running_loop())
         for owner in (self._claimer, self._upkeep):
             if owner is not None:
                 owner.stop()

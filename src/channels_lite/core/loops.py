@@ -57,6 +57,7 @@ class LoopDrivers:
         self._states: dict[asyncio.AbstractEventLoop, LoopState] = {}
         self._lock = threading.Lock()
         self._on_loop_close = on_loop_close
+        self._primary_taken = False
 
     def state(self, loop: asyncio.AbstractEventLoop) -> LoopState:
         state = self._states.get(loop)
@@ -65,14 +66,13 @@ class LoopDrivers:
         with self._lock:
             state = self._states.get(loop)
             if state is None:
-                driver = self._primary if not self._states_ever_used else self._primary.sibling()
-                self._states_ever_used = True
+                # The instance built (and validated) at construction serves the first loop.
+                driver = self._primary if not self._primary_taken else self._primary.sibling()
+                self._primary_taken = True
                 state = LoopState(loop, driver)
                 self._states[loop] = state
                 self._hook(loop)
         return state
-
-    _states_ever_used = False
 
     async def driver(self) -> Driver:
         loop = asyncio.get_running_loop()
