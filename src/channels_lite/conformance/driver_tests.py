@@ -12,7 +12,8 @@ import itertools
 import os
 import threading
 from collections import Counter
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import pytest
 
@@ -43,6 +44,8 @@ from ._support import (
 )
 
 __all__ = ["DriverTests"]
+
+T = TypeVar("T")
 
 
 def _payloads(items: list[Claimed]) -> list[bytes]:
@@ -545,6 +548,50 @@ class DriverTests(ConformanceFixtures):
         assert set(got) == set(sent)
         for result in results:
             assert result == sorted(result, key=lambda p: int(p[1:])), "FIFO per claimer"
+
+    @pytest.mark.asyncio
+    async def test_driver_claim_survives_loop_teardown(self, driver: Driver) -> None:
+        """A claim in flight when its event loop is torn down (``asyncio.run`` and so
+        ``async_to_sync`` cancel *every* task of the loop, a driver's helper tasks included)
+        either returns its messages or leaves them in storage: never removes them unseen
+        (SPEC 12). The teardown is started after 0, 1, 2, ... loop iterations, to cross every
+        point of the claim's flight."""
+        rounds = 48
+        for n in range(rounds):
+            await driver.push([envelope(f"t{n}", f"m{n}".encode())], NOW)
+
+        def tear_down_mid_claim(n: int) -> list[bytes] | None:
+            got = _torn_down_mid_call(driver, n, lambda inst: claim(inst, f"t{n}"))
+            return None if got is None else _payloads(got)
+
+        for n in range(rounds):
+            taken = await asyncio.to_thread(tear_down_mid_claim, n)
+            left = _payloads(await drain(driver, f"t{n}"))
+            if taken is None:
+                assert left == [f"m{n}".encode()], f"round {n}: cancelled claim lost its message"
+            else:
+                assert taken + left == [f"m{n}".encode()], f"round {n}: {taken=} {left=}"
+
+    @pytest.mark.asyncio
+    async def test_driver_push_survives_loop_teardown(self, driver: Driver) -> None:
+        """A push in flight when its event loop is torn down either returns its flags (stored)
+        or raises ``CancelledError`` having stored nothing, so the core can retry it without
+        storing a message twice (SPEC 12)."""
+        rounds = 48
+
+        def tear_down_mid_push(n: int) -> list[bool] | None:
+            return _torn_down_mid_call(
+                driver, n, lambda inst: inst.push([envelope(f"p{n}", f"m{n}".encode())], NOW)
+            )
+
+        for n in range(rounds):
+            flags = await asyncio.to_thread(tear_down_mid_push, n)
+            left = _payloads(await drain(driver, f"p{n}"))
+            if flags is None:
+                assert left == [], f"round {n}: push raised CancelledError but stored"
+            else:
+                assert flags == [True]
+                assert left == [f"m{n}".encode()], f"round {n}: push said stored, found {left}"
 
     @pytest.mark.parametrize("limit", [1, 2, 7, 50])
     @pytest.mark.asyncio
@@ -1107,3 +1154,39 @@ class DriverTests(ConformanceFixtures):
         accepted = sum(mine) + sum(sum(flags) for flags in theirs)
         assert accepted == 50
         assert len(await drain(driver, "race")) == 50
+
+
+def _torn_down_mid_call(
+    driver: Driver,
+    spins: int,
+    call: Callable[[Driver], Awaitable[T]],
+) -> T | None:
+    """On a fresh event loop in this thread: start ``call`` on a new sibling, let the loop
+    turn ``spins`` times, then tear the loop down as ``asyncio.run`` does (cancel every task,
+    wait for them). Returns what the call returned, or None if it ended cancelled."""
+    loop = asyncio.new_event_loop()
+    try:
+        inst = driver.sibling()
+        loop.run_until_complete(inst.open())
+
+        async def start() -> asyncio.Task[T]:
+            task = asyncio.ensure_future(call(inst))
+            for _ in range(spins):
+                await asyncio.sleep(0)
+            return task
+
+        task = loop.run_until_complete(start())
+        pending = asyncio.all_tasks(loop)
+        for each in pending:
+            each.cancel()
+
+        async def settle() -> None:
+            await asyncio.gather(*pending, return_exceptions=True)
+
+        loop.run_until_complete(settle())
+        loop.run_until_complete(inst.close())
+        if task.cancelled():
+            return None
+        return task.result()
+    finally:
+        loop.close()

@@ -44,6 +44,10 @@ _RESUBSCRIBE_FIRST = 0.05
 _RESUBSCRIBE_MAX = 5.0
 #: A listener's failure to (re)subscribe is logged at most this often.
 _WARN_EVERY = 60.0
+#: Receipts acknowledged per script call (the rest wait for the next call or their TTL).
+_ACKS_PER_CALL = 256
+#: Tries to learn a receipt's outcome when the recovery itself is cancelled again.
+_RECOVER_TRIES = 3
 
 
 def _redact(url: str) -> str:
@@ -123,6 +127,8 @@ class RedisDriver(Driver):
         self._listener_task: asyncio.Task[None] | None = None
         self._stopping: set[asyncio.Task[None]] = set()
         self._last_warning = 0.0
+        # Receipts whose replies arrived: deleted by the next push or claim (scripts.py).
+        self._acks: list[str] = []
 
     def describe(self) -> str:
         return f"redis at {_redact(self.url)} (prefix {self.prefix!r})"
@@ -156,6 +162,7 @@ class RedisDriver(Driver):
                 "purge": client.register_script(scripts.PURGE),
                 "heartbeat": client.register_script(scripts.HEARTBEAT),
                 "release": client.register_script(scripts.RELEASE),
+                "recover": client.register_script(scripts.RECOVER),
             }
             self._client = client
             self._loop = asyncio.get_running_loop()
@@ -218,8 +225,8 @@ class RedisDriver(Driver):
         args: list[Any] = [_float(now), self._token, len(envelopes)]
         for env in envelopes:
             args += [env.channel, env.key, env.payload, _float(env.expires_at), env.capacity]
-        flags = await self._script("push", args, "storing messages")
-        return [bool(flag) for flag in flags]
+        flags = await self._with_receipt("push", args, "storing messages")
+        return [bool(int(flag)) for flag in flags]
 
     async def claim(self, requests: Sequence[ClaimRequest], now: float) -> list[Claimed]:
         if not requests:
@@ -228,24 +235,71 @@ class RedisDriver(Driver):
         for request in requests:
             excluded = sorted(request.exclude)
             args += [request.key, max(0, request.limit), len(excluded), *excluded]
-        # The script may run on the server even if this task is cancelled while waiting for the
-        # reply; then its messages would be lost. So the call runs in its own task, which a
-        # cancellation does not reach: we wait for it and return what it claimed (the core
-        # re-raises the cancellation once the messages are delivered, see Driver.claim).
-        call = asyncio.ensure_future(self._script("claim", args, "claiming messages"))
-        cancelled = False
-        while not call.done():
-            try:
-                await asyncio.wait({call})
-            except asyncio.CancelledError:
-                cancelled = True
-        if cancelled and call.exception() is not None:
-            raise asyncio.CancelledError
-        flat = call.result()
+        flat = await self._with_receipt("claim", args, "claiming messages")
         return [
             Claimed(_text(flat[i]), _text(flat[i + 1]), bytes(flat[i + 2]), float(flat[i + 3]))
             for i in range(0, len(flat), 4)
         ]
+
+    async def _with_receipt(self, name: str, args: Sequence[Any], doing: str) -> list[Any]:
+        """Run a push or claim script so that its outcome is never lost (scripts.py, Receipts).
+
+        If the reply does not arrive (this task cancelled, as ``asyncio.run`` does to every task
+        of a loop it tears down, or the connection lost), ask the receipt: either the script
+        ran and we return its reply (absorbing the cancellation, which the core re-raises), or
+        it never will and the cancellation or error goes on, with nothing done.
+        """
+        self._ready()
+        receipt = f"{self.prefix}r:{uuid.uuid4().hex}"
+        acks = self._acks[:_ACKS_PER_CALL]
+        del self._acks[:_ACKS_PER_CALL]
+        call = self._scripts[name](keys=[receipt, *acks], args=[self.prefix, *args])
+        try:
+            reply: list[Any] = await self._call(doing, call)
+        except asyncio.CancelledError:
+            recovered = await self._recover(receipt, doing)
+            if recovered is None:
+                raise
+            logger.debug("%s completed as it was cancelled; returning its reply", doing)
+            return recovered
+        except DriverError:
+            recovered = await self._recover(receipt, doing)
+            if recovered is None:
+                raise
+            return recovered
+        if reply:
+            self._acks.append(receipt)
+        return reply
+
+    async def _recover(self, receipt: str, doing: str) -> list[Any] | None:
+        """The reply kept under ``receipt``, or None if its script did not and will not run."""
+        for _ in range(_RECOVER_TRIES):
+            try:
+                kept = await self._call(
+                    f"recovering the outcome of {doing}",
+                    self._scripts["recover"](keys=[receipt], args=[self.prefix]),
+                )
+            except asyncio.CancelledError:
+                continue
+            except DriverError as exc:
+                logger.warning(
+                    "could not learn whether %s completed on %s (%s); if it did, its messages "
+                    "are lost (claim) or stored (push)",
+                    doing,
+                    self.describe(),
+                    exc,
+                )
+                return None
+            if kept and kept[0] == b"done":
+                return list(kept[1:])
+            return None
+        logger.warning(
+            "gave up learning whether %s completed on %s after %d cancellations",
+            doing,
+            self.describe(),
+            _RECOVER_TRIES,
+        )
+        return None
 
     async def group_add(self, group: str, channel: str, key: str, expires_at: float) -> None:
         await self._script(

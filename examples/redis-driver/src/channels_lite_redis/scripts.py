@@ -6,8 +6,8 @@ twice), and "renew my lease and reap the dead" are each one script call.
 
 Every script gets the key prefix as ``ARGV[1]`` and builds key names from it, so one Redis database
 can hold several independent layers (and tests can isolate themselves with a fresh prefix). Keys
-are therefore not declared in ``KEYS``: the driver supports standalone Redis (and Redis-compatible
-servers such as Valkey), not Redis Cluster.
+are therefore not all declared in ``KEYS`` (only receipts are): the driver supports standalone
+Redis (and Redis-compatible servers such as Valkey), not Redis Cluster.
 
 Key layout under prefix ``P`` (``<id>`` is a message id from ``P seq``, increasing):
 
@@ -22,6 +22,17 @@ Key layout under prefix ``P`` (``<id>`` is a message id from ``P seq``, increasi
 ``P km:<key>``          set of memberships (``enc``) routed under ``key``: reaping
 ``P l``                 zset of process keys, scored by lease expires_at
 ``P n``                 pub/sub channel: a push published the pusher's token here
+``P r:<receipt>``       list: a push's or claim's reply (``done`` first) or a tombstone
+                        (``cancelled``); short-lived, see "Receipts" below
+
+Receipts. A push or claim whose reply never reaches the caller (its task cancelled mid-call, as
+``asyncio.run`` does to every task of a loop it tears down, or the connection lost) would lose
+messages (a claim) or store them twice on retry (a push). So these two scripts get a fresh
+receipt key as ``KEYS[1]`` and keep a copy of their reply there for ``RECEIPT_TTL_MS``; the
+driver then asks :data:`RECOVER` for it. ``RECOVER`` either takes the reply (the script ran) or
+leaves a tombstone that stops the script from running later (it had not run yet): Redis runs
+scripts one at a time, so exactly one of the two happens first. ``KEYS[2:]`` are earlier
+receipts whose replies arrived, deleted on the way so they do not wait for their TTL.
 
 ``enc`` of a membership is ``<len(group)>:<group><channel>``, unambiguous for any names.
 Times are the ``now`` and ``expires_at`` floats the core passed in, sent as Python ``repr``
@@ -30,9 +41,30 @@ strings, so Lua and Redis parse back exactly the same double.
 
 from __future__ import annotations
 
+#: How long a receipt outlives its script: far longer than a caller needs to ask for it.
+RECEIPT_TTL_MS = 60_000
+
 # Helpers shared by several scripts; each script is this prelude plus its body.
 _PRELUDE = """
 local P = ARGV[1]
+local RECEIPT_TTL_MS = @RECEIPT_TTL_MS@
+
+-- Receipts (see the module docstring). False if a tombstone says the caller gave up on us.
+local function receipt_open()
+  for k = 2, #KEYS do
+    redis.call("DEL", KEYS[k])
+  end
+  return redis.call("EXISTS", KEYS[1]) == 0
+end
+
+local function receipt_keep(reply)
+  redis.call("RPUSH", KEYS[1], "done")
+  -- In slices: unpack() of a long list would overflow Lua's C stack.
+  for first = 1, #reply, 512 do
+    redis.call("RPUSH", KEYS[1], unpack(reply, first, math.min(first + 511, #reply)))
+  end
+  redis.call("PEXPIRE", KEYS[1], RECEIPT_TTL_MS)
+end
 
 local function enc(group, channel)
   return string.len(group) .. ":" .. group .. channel
@@ -78,13 +110,15 @@ local function forget(key)
   end
   redis.call("DEL", kmkey)
 end
-"""
+""".replace("@RECEIPT_TTL_MS@", str(RECEIPT_TTL_MS))
 
-#: ARGV: prefix, now, token, count, then per envelope: channel, key, payload, expires_at,
-#: capacity. Returns one 0/1 flag per envelope.
+#: KEYS: receipt, acknowledged receipts. ARGV: prefix, now, token, count, then per envelope:
+#: channel, key, payload, expires_at, capacity. Returns one 0/1 flag per envelope (none if a
+#: tombstone says the caller gave up).
 PUSH = (
     _PRELUDE
     + """
+if not receipt_open() then return {} end
 local now = ARGV[2]
 local token = ARGV[3]
 local count = tonumber(ARGV[4])
@@ -112,15 +146,18 @@ end
 if stored > 0 then
   redis.call("PUBLISH", P .. "n", token)
 end
+receipt_keep(flags)
 return flags
 """
 )
 
-#: ARGV: prefix, now, request count, then per request: key, limit, exclude count, excluded
-#: channels. Returns a flat list: channel, key, payload, expires_at, ... oldest first per key.
+#: KEYS: receipt, acknowledged receipts. ARGV: prefix, now, request count, then per request:
+#: key, limit, exclude count, excluded channels. Returns a flat list: channel, key, payload,
+#: expires_at, ... oldest first per key.
 CLAIM = (
     _PRELUDE
     + """
+if not receipt_open() then return {} end
 local now = tonumber(ARGV[2])
 local requests = tonumber(ARGV[3])
 local out = {}
@@ -158,7 +195,27 @@ for r = 1, requests do
     end
   end
 end
+if #out > 0 then receipt_keep(out) end
 return out
+"""
+)
+
+#: KEYS: a receipt. Returns its reply (``done`` first) if its script ran, else an empty list,
+#: leaving a tombstone so that the script, should it still arrive, does nothing.
+RECOVER = (
+    _PRELUDE
+    + """
+local kept = redis.call("LRANGE", KEYS[1], 0, -1)
+if #kept == 0 then
+  redis.call("RPUSH", KEYS[1], "cancelled")
+  redis.call("PEXPIRE", KEYS[1], RECEIPT_TTL_MS)
+  return {}
+end
+if kept[1] == "done" then
+  redis.call("DEL", KEYS[1])
+  return kept
+end
+return {}
 """
 )
 

@@ -206,27 +206,30 @@ GROUP BY group_name ORDER BY n DESC, group_name LIMIT %(top)s
 
     async def run_push(self, conn: Conn, envelopes: Sequence[Envelope], now: float) -> list[bool]:
         runs = _runs(envelopes)
-        if len(runs) == 1:
-            try:
-                cursor = await conn.execute(self.push, self._push_params(runs[0], now))
-            except psycopg.OperationalError as exc:
-                # No result came back (psycopg keeps a result only once the statement ended):
-                # see errors.NotApplied for why the push can then run again.
-                if conn.broken or conn.closed:
-                    raise NotApplied(str(exc)) from exc
-                raise
-            return _flags(await cursor.fetchall(), len(envelopes))
         # A channel's capacity changes inside the batch (rare): one statement per run, all in
         # one implicit transaction (one pipeline, one Sync), later runs seeing earlier ones.
         cursors = [conn.cursor() for _ in runs]
         try:
-            async with conn.pipeline():
-                for cursor, run in zip(cursors, runs, strict=True):
-                    await cursor.execute(self.push, self._push_params(run, now))
+            if len(runs) == 1:
+                await cursors[0].execute(self.push, self._push_params(runs[0], now))
+            else:
+                async with conn.pipeline():
+                    for cursor, run in zip(cursors, runs, strict=True):
+                        await cursor.execute(self.push, self._push_params(run, now))
         except psycopg.OperationalError as exc:
+            # No result came back (psycopg keeps a result only once the statement ended):
+            # see errors.NotApplied for why the push can then run again.
             if cursors[0].pgresult is None and (conn.broken or conn.closed):
                 raise NotApplied(str(exc)) from exc
             raise
+        except asyncio.CancelledError:
+            # As in run_claim: psycopg asked the server to cancel and waited for the outcome.
+            # Every statement of the transaction has its rows only if it committed; then the
+            # messages are stored and the caller must hear so (CancelledError would mean
+            # "nothing stored" and a retry would store them twice).
+            if not all(_completed(cursor) for cursor in cursors):
+                raise
+            logger.debug("a push completed as it was cancelled; returning its flags")
         flags: list[bool] = []
         for cursor, run in zip(cursors, runs, strict=True):
             flags.extend(_flags(await cursor.fetchall(), len(run)))
@@ -291,8 +294,7 @@ GROUP BY group_name ORDER BY n DESC, group_name LIMIT %(top)s
             # rows are in the cursor: return them, keeping the cancellation pending
             # (Task.cancelling() stays > 0) for the core to re-raise once it has handed them
             # on. Otherwise nothing was removed and the cancellation goes on.
-            result = cursor.pgresult
-            if result is None or result.status != psycopg.pq.ExecStatus.TUPLES_OK:
+            if not _completed(cursor):
                 raise
             logger.debug("a claim completed as it was cancelled; returning its messages")
         return [
@@ -365,6 +367,12 @@ GROUP BY group_name ORDER BY n DESC, group_name LIMIT %(top)s
                 "notification_queue_usage": float(queue),
             },
         )
+
+
+def _completed(cursor: psycopg.AsyncCursor[Any]) -> bool:
+    """Did the statement on ``cursor`` run to its end (and so, in autocommit, commit)?"""
+    result = cursor.pgresult
+    return result is not None and result.status == psycopg.pq.ExecStatus.TUPLES_OK
 
 
 def _flags(rows: Sequence[tuple[Any, ...]], count: int) -> list[bool]:
