@@ -360,7 +360,8 @@ def test_read_only_while_running(nobody_dir: Path, what: str) -> None:
 
 
 async def _limit_pages(layer: ChannelLayer, extra: int) -> None:
-    """``max_page_count`` is per connection: set it on the layer's own connection."""
+    """``max_page_count`` is per connection: set it on both of the layer's connections (the
+    worker thread's, and the inline one pushes and claims use first)."""
     driver = await layer._driver()
     conn = driver._conn  # type: ignore[attr-defined]
 
@@ -369,6 +370,8 @@ async def _limit_pages(layer: ChannelLayer, extra: int) -> None:
         raw.execute(f"PRAGMA max_page_count = {pages + extra}").fetchall()
 
     await conn.run(limit, doing="limiting pages")
+    await conn.run(limit, doing="limiting pages", inline=True)
+    assert conn.inline_calls > 0
 
 
 async def test_disk_full_clear_error_accepted_messages_intact(

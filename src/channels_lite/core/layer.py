@@ -320,7 +320,9 @@ class ChannelLayer(BaseChannelLayer):  # type: ignore[misc]
             claimer = self._claimer
             if claimer is None or not claimer.alive():
                 self._ensure_claimer(loop, driver).wake()
-            elif wake and key not in claimer.clean:
+            elif wake and (key not in claimer.clean or claimer.parked):
+                # A parked claim loop claims nothing until woken: "clean" saves a claim only
+                # to a loop that polls anyway.
                 claimer.wake()
             if isinstance(got, Claimed):
                 claimed = got

@@ -46,6 +46,10 @@ _THREAD_EXIT_WAIT = 2.0
 #: How many times one call may find its file replaced before giving up (a path that keeps
 #: being swapped under us is an operator's loop, not something to chase).
 _MAX_SWITCHES = 3
+#: Write transactions committed inline between two background checkpoints. The inline
+#: connection never checkpoints by itself (that would fsync on the event loop); SQLite's own
+#: default is to checkpoint at 1000 WAL pages, and one of our transactions writes a few.
+CHECKPOINT_EVERY = 200
 
 #: ``(st_dev, st_ino)`` of a database file; ``None`` when nothing is at the path.
 Identity = tuple[int, int] | None
@@ -61,6 +65,10 @@ class FileReplaced(Exception):
     while processes were using it. Raised inside the worker thread only; :class:`Connection`
     handles it by moving to the file now at the path.
     """
+
+
+class _Fallback(Exception):
+    """An inline call that the worker thread must make instead (see Connection.run)."""
 
 
 class _Raw(sqlite3.Connection):
@@ -256,6 +264,14 @@ class Connection:
         #: How many times this connection moved to a new file at its path.
         self.switches = 0
         self._switch_failing = False
+        # The inline connection (see run()): same file, used from the event loop's thread.
+        self._inline: sqlite3.Connection | None = None
+        self._inline_switches = -1
+        self._inline_writes = 0
+        self._checkpoint: asyncio.Task[None] | None = None
+        #: Calls that ran inline, and inline attempts handed to the worker thread (tests).
+        self.inline_calls = 0
+        self.inline_fallbacks = 0
 
     def _open_raw(self) -> sqlite3.Connection:
         """Connect to ``path`` (worker thread); note the identity of the file connected to."""
@@ -382,7 +398,108 @@ class Connection:
             raise
         self._aconn = aconn
 
+    def _open_inline(self) -> sqlite3.Connection | None:
+        """A second connection to the file the worker's connection has open (worker thread).
+
+        No busy wait (``timeout=0``): when another connection holds the write lock, an inline
+        call fails at once and goes to the worker thread, which waits. No automatic
+        checkpoint: see :data:`CHECKPOINT_EVERY`.
+        """
+        identity = self._identity
+        raw = sqlite3.connect(
+            database_uri(self.path, read_only=self._read_only),
+            uri=True,
+            isolation_level=None,
+            timeout=0,
+            factory=_Raw,
+            check_same_thread=False,
+        )
+        try:
+            for pragma in (*self._pragmas, "PRAGMA wal_autocheckpoint = 0"):
+                raw.execute(pragma).fetchall()
+        except BaseException:
+            raw.close()
+            raise
+        if file_identity(self.path) != identity:
+            raw.close()  # the file moved meanwhile: the worker's next call follows it first
+            return None
+        if self._adopt is not None:
+            assert isinstance(raw, _Raw)
+            raw.guard = functools.partial(_same_file, self.path, identity)
+        return raw
+
+    async def _inline_connection(self) -> sqlite3.Connection | None:
+        if self._inline is not None and self._inline_switches == self.switches:
+            return self._inline
+        self._drop_inline()
+        aconn = self._aconn
+        if aconn is None:
+            return None
+        switches = self.switches
+        try:
+            raw = await _in_worker(aconn, self._open_inline)
+        except (sqlite3.Error, ValueError) as exc:
+            # The worker path still works (or reports the problem itself).
+            logger.debug("no inline connection to %s: %s", self.path, exc)
+            return None
+        if raw is None or self._aconn is not aconn or self.switches != switches:
+            if raw is not None:
+                raw.close()
+            return None
+        self._inline, self._inline_switches = raw, switches
+        return raw
+
+    def _drop_inline(self) -> None:
+        raw, self._inline = self._inline, None
+        if raw is not None:
+            raw.close()
+
+    def _run_inline(self, raw: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """``fn(raw)`` on the event loop's thread; :class:`_Fallback` if the worker must."""
+        before = raw.total_changes
+        try:
+            result = fn(raw)
+        except sqlite3.Error as exc:
+            # Busy: another connection writes, and only the worker may wait for it. Any other
+            # error: fn rolled back, and the worker runs it again and reports it as usual.
+            self.inline_fallbacks += 1
+            raise _Fallback from exc
+        except FileReplaced:
+            self._drop_inline()
+            self.inline_fallbacks += 1
+            raise _Fallback from None
+        self.inline_calls += 1
+        if raw.total_changes != before:
+            self._inline_writes += 1
+            if self._inline_writes >= CHECKPOINT_EVERY:
+                self._start_checkpoint()
+        return result
+
+    def _start_checkpoint(self) -> None:
+        if self._checkpoint is not None and not self._checkpoint.done():
+            return
+        self._inline_writes = 0
+        self._checkpoint = asyncio.get_running_loop().create_task(
+            self._checkpoint_passive(), name="channels-lite sqlite checkpoint"
+        )
+
+    async def _checkpoint_passive(self) -> None:
+        # PASSIVE: copies what no reader still needs, never waits for or blocks anyone.
+        try:
+            await self.run(
+                lambda raw: raw.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall(),
+                doing="checkpointing the WAL",
+            )
+        except DriverError as exc:
+            logger.debug("background checkpoint of %s failed: %s", self.path, exc)
+
     async def close(self) -> None:
+        checkpoint, self._checkpoint = self._checkpoint, None
+        running = asyncio.get_running_loop()
+        if checkpoint is not None and not checkpoint.done() and checkpoint.get_loop() is running:
+            checkpoint.cancel()
+            await asyncio.gather(checkpoint, return_exceptions=True)
+        self._drop_inline()
         aconn, self._aconn = self._aconn, None
         self._raw = None
         if aconn is None:
@@ -410,6 +527,7 @@ class Connection:
         *,
         doing: str,
         finish_on_cancel: bool = False,
+        inline: bool = False,
     ) -> T:
         """Run ``fn(raw)`` in the worker thread, retrying while the database is locked.
 
@@ -418,7 +536,19 @@ class Connection:
         about to) lets it finish and returns its result, absorbing the cancellation: the
         caller checks ``Task.cancelling()``. If ``fn`` had not started yet it never will, and
         the cancellation propagates. Between retries, cancellation always propagates.
+
+        With ``inline``, ``fn`` is first tried right here on the event loop's thread, on a
+        second connection that never waits for a lock. A short transaction on an uncontended
+        file takes tens of microseconds, far less than the hop to the worker thread and back
+        (which also costs the receiving side a wake-up); if another connection holds the write
+        lock, or anything else fails, the worker runs ``fn`` as above. Only for short ``fn``:
+        it blocks the event loop while it runs. Nothing can cancel it halfway.
         """
+        if inline:
+            raw = await self._inline_connection()
+            if raw is not None:
+                with contextlib.suppress(_Fallback):
+                    return self._run_inline(raw, fn)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
         backoff = _FIRST_BACKOFF

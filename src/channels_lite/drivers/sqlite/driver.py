@@ -40,6 +40,11 @@ _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 #: Bound the -wal file after a burst; without it the file keeps its peak size forever.
 _JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024
 
+#: Pushes up to this size run inline on the event loop (Connection.run): bigger ones would
+#: hold the loop for more than about a millisecond, so the worker thread takes them.
+_INLINE_MAX_ENVELOPES = 64
+_INLINE_MAX_BYTES = 256 * 1024
+
 #: (path, process key) pairs this process holds a lease for: a renewal that finds its own
 #: lease gone tells the process it was taken for dead (see SQLiteDriver.heartbeat).
 _LEASED: set[tuple[str, str]] = set()
@@ -217,10 +222,14 @@ class SQLiteDriver(Driver):
         if not envelopes:
             return []
         batch = tuple(envelopes)
+        small = len(batch) <= _INLINE_MAX_ENVELOPES and (
+            sum(len(env.payload) for env in batch) <= _INLINE_MAX_BYTES
+        )
         return await self._connection().run(
             lambda raw: ops.push(raw, self.tables, batch, now),
             doing="storing messages",
             finish_on_cancel=True,
+            inline=small,
         )
 
     async def claim(self, requests: Sequence[ClaimRequest], now: float) -> list[Claimed]:
@@ -232,6 +241,7 @@ class SQLiteDriver(Driver):
             lambda raw: ops.claim(raw, self.tables, batch, now, precheck=precheck),
             doing="claiming messages",
             finish_on_cancel=True,
+            inline=True,
         )
 
     async def group_add(self, group: str, channel: str, key: str, expires_at: float) -> None:
@@ -240,18 +250,21 @@ class SQLiteDriver(Driver):
                 raw, self.tables, group, channel, key=key, expires_at=expires_at
             ),
             doing="adding a group member",
+            inline=True,
         )
 
     async def group_discard(self, group: str, channel: str) -> None:
         await self._connection().run(
             lambda raw: ops.group_discard(raw, self.tables, group, channel),
             doing="removing a group member",
+            inline=True,
         )
 
     async def group_channels(self, group: str, now: float) -> list[str]:
         return await self._connection().run(
             lambda raw: ops.group_channels(raw, self.tables, group, now),
             doing="reading group members",
+            inline=True,
         )
 
     async def purge(self, now: float) -> int:

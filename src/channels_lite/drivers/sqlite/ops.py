@@ -34,25 +34,37 @@ __all__ = [
 def push(
     raw: sqlite3.Connection, t: Tables, envelopes: Sequence[Envelope], now: float
 ) -> list[bool]:
-    count_sql = f"SELECT count(*) FROM {t.messages} WHERE channel = ? AND expires_at > ?"
+    size_sql = f"SELECT stored FROM {t.channel_sizes} WHERE channel = ?"
+    # Counting stops at the capacity: "is it full?" needs no more.
+    count_sql = (
+        f"SELECT count(*) FROM (SELECT 1 FROM {t.messages} "
+        "WHERE channel = ? AND expires_at > ? LIMIT ?)"
+    )
     insert_sql = f"INSERT INTO {t.messages} (channel, key, payload, expires_at) VALUES (?, ?, ?, ?)"
-    # Counted once per channel per batch, then tracked here: the write lock guarantees no
-    # one else changes the count until COMMIT.
-    live: dict[str, int] = {}
+    # Per channel, bounds of its live (unexpired) count, tracked through the batch: the write
+    # lock guarantees no one else changes it until COMMIT. The stored count (expired rows
+    # included) is an upper bound read by primary key; only when it reaches the capacity do
+    # we count live rows, up to the capacity.
+    bounds: dict[str, tuple[int, int]] = {}
     flags: list[bool] = []
     with immediate(raw):
         for env in envelopes:
-            held = live.get(env.channel)
-            if held is None:
-                held = raw.execute(count_sql, (env.channel, now)).fetchone()[0]
-            if held < env.capacity:
+            known = bounds.get(env.channel)
+            if known is None:
+                row = raw.execute(size_sql, (env.channel,)).fetchone()
+                known = (0, 0 if row is None else int(row[0]))
+            low, high = known
+            if low < env.capacity <= high:
+                counted = raw.execute(count_sql, (env.channel, now, env.capacity)).fetchone()[0]
+                low, high = (counted, counted) if counted < env.capacity else (counted, high)
+            if high < env.capacity:
                 raw.execute(insert_sql, (env.channel, env.key, env.payload, env.expires_at))
                 if env.expires_at > now:
-                    held += 1
+                    low, high = low + 1, high + 1
                 flags.append(True)
             else:
                 flags.append(False)
-            live[env.channel] = held
+            bounds[env.channel] = (low, high)
     return flags
 
 
@@ -154,12 +166,13 @@ def purge(raw: sqlite3.Connection, t: Tables, now: float) -> int:
     with immediate(raw):
         removed = raw.execute(f"DELETE FROM {t.messages} WHERE expires_at <= ?", (now,)).rowcount
         removed += raw.execute(f"DELETE FROM {t.groups} WHERE expires_at <= ?", (now,)).rowcount
+        raw.execute(f"DELETE FROM {t.channel_sizes} WHERE stored <= 0")
     return int(removed)
 
 
 def flush(raw: sqlite3.Connection, t: Tables) -> None:
     with immediate(raw):
-        for table in (t.messages, t.groups, t.processes):
+        for table in (t.messages, t.groups, t.processes, t.channel_sizes):
             raw.execute(f"DELETE FROM {table}")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from channels_lite.drivers.base import DriverError
@@ -14,10 +15,39 @@ __all__ = ["SCHEMA_VERSION", "Tables", "prepare"]
 logger = logging.getLogger("channels_lite.drivers.sqlite")
 
 #: Bump when the tables change, and add the step from the previous version to ``_UPGRADES``.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
-#: ``_UPGRADES[n]`` turns a version ``n`` database into version ``n + 1``.
-_UPGRADES: dict[int, tuple[str, ...]] = {}
+
+def _channel_sizes_ddl(p: str) -> tuple[str, ...]:
+    """Version 2: stored messages per channel, kept by triggers, so that a push learns "far
+    from full" from one primary-key read instead of counting a deep queue row by row.
+
+    Triggers rather than code: every statement that adds or removes messages (claims, purge,
+    reaping, flush, maintenance commands, processes still running an older channels-lite)
+    keeps the count right without knowing about it. The count includes expired rows not yet
+    purged, so it is an upper bound of the live count; ops.push counts exactly only when the
+    bound reaches the capacity.
+    """
+    return (
+        f"CREATE TABLE IF NOT EXISTS {p}channel_sizes ("
+        "channel TEXT PRIMARY KEY, stored INTEGER NOT NULL) WITHOUT ROWID",
+        f"CREATE TRIGGER IF NOT EXISTS {p}messages_size_insert AFTER INSERT ON {p}messages "
+        f"BEGIN INSERT INTO {p}channel_sizes (channel, stored) VALUES (new.channel, 1) "
+        "ON CONFLICT (channel) DO UPDATE SET stored = stored + 1; END",
+        f"CREATE TRIGGER IF NOT EXISTS {p}messages_size_delete AFTER DELETE ON {p}messages "
+        f"BEGIN UPDATE {p}channel_sizes SET stored = stored - 1 "
+        "WHERE channel = old.channel; END",
+    )
+
+
+#: ``_UPGRADES[n](prefix)`` turns a version ``n`` database into version ``n + 1``.
+_UPGRADES: dict[int, Callable[[str], tuple[str, ...]]] = {
+    1: lambda p: (
+        *_channel_sizes_ddl(p),
+        f"INSERT INTO {p}channel_sizes (channel, stored) "
+        f"SELECT channel, count(*) FROM {p}messages GROUP BY channel",
+    ),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +72,10 @@ class Tables:
     def processes(self) -> str:
         return f"{self.prefix}processes"
 
+    @property
+    def channel_sizes(self) -> str:
+        return f"{self.prefix}channel_sizes"
+
     def ddl(self) -> tuple[str, ...]:
         p = self.prefix
         return (
@@ -63,6 +97,7 @@ class Tables:
             f"CREATE INDEX IF NOT EXISTS {p}groups_key ON {self.groups} (key)",
             f"CREATE TABLE IF NOT EXISTS {self.processes} ("
             "key TEXT PRIMARY KEY, expires_at REAL NOT NULL) WITHOUT ROWID",
+            *_channel_sizes_ddl(p),
         )
 
 
@@ -121,8 +156,8 @@ def prepare(raw: sqlite3.Connection, tables: Tables, path: str) -> int:
         else:
             _refuse_newer(version, path)
             for step in range(version, SCHEMA_VERSION):
-                for statement in _UPGRADES[step]:
-                    raw.execute(statement.format(prefix=tables.prefix))
+                for statement in _UPGRADES[step](tables.prefix):
+                    raw.execute(statement)
                 logger.info("upgraded %s from schema %d to %d", path, step, step + 1)
         raw.execute(
             f"INSERT INTO {tables.meta} (name, value) VALUES ('schema_version', ?) "

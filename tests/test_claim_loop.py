@@ -1,0 +1,107 @@
+"""The claim loop's trust in "nothing stored for this key" (its ``clean`` set).
+
+A change notification can come before the commit it announces is visible (SQLite writes the
+WAL, then publishes the commit in its index; a loaded machine can deschedule the writer in
+between). These tests stage that with the memory driver: its claims hide a pushed message until
+the test reveals it, with no further notification.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Callable, Sequence
+
+import pytest
+
+from channels_lite import ChannelLayer
+from channels_lite.core.naming import routing_key
+from channels_lite.drivers.base import Claimed, ClaimRequest, Envelope
+from channels_lite.drivers.memory import MemoryDriver
+
+GUARD = 10.0
+_stores = itertools.count()
+
+
+async def _until(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + GUARD
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"never happened: {what}")
+        await asyncio.sleep(0.001)
+
+
+@pytest.fixture
+def hidden(monkeypatch: pytest.MonkeyPatch) -> set[str]:
+    """Keys whose messages claims do not see yet (a commit not visible to readers)."""
+    keys: set[str] = set()
+    original = MemoryDriver.claim
+
+    async def claim(
+        self: MemoryDriver, requests: Sequence[ClaimRequest], now: float
+    ) -> list[Claimed]:
+        return await original(self, [r for r in requests if r.key not in keys], now)
+
+    monkeypatch.setattr(MemoryDriver, "claim", claim)
+    return keys
+
+
+async def test_late_visible_message_reaches_a_receiver_after_the_loop_parked(
+    hidden: set[str],
+) -> None:
+    """Notified, but the claims find nothing for a while; the receiver leaves, the claim loop
+    parks with the key taken for empty; the message becomes visible; a new receiver must
+    still get it (before: it waited for the next send to that process, forever here)."""
+    layer = ChannelLayer(driver="memory", store=f"claim-loop-{next(_stores)}")
+    try:
+        channel = await layer.new_channel()
+        key = routing_key(channel)
+        first = asyncio.ensure_future(layer.receive(channel))
+        await _until(lambda: layer._claimer is not None, "a claim loop started")
+        claimer = layer._claimer
+        assert claimer is not None
+        other = claimer.driver.sibling()  # another process's connection to the same storage
+        await other.open()
+        hidden.add(key)
+        notified_before = claimer._generation
+        envelope = Envelope(channel, key, layer._codec.encode({"n": 1}), time.time() + 60, 100)
+        assert await other.push([envelope], time.time()) == [True]
+        await _until(
+            lambda: claimer._generation > notified_before and key in claimer.clean,
+            "the key taken for empty after the notification",
+        )
+        first.cancel()
+        await asyncio.gather(first, return_exceptions=True)
+        await _until(lambda: claimer.parked, "the claim loop parked")
+        hidden.discard(key)  # the commit is visible now; nobody is notified again
+        assert await asyncio.wait_for(layer.receive(channel), GUARD) == {"n": 1}
+        await other.close()
+    finally:
+        await layer.close()
+
+
+async def test_key_not_taken_for_empty_right_after_a_notification(hidden: set[str]) -> None:
+    """After a notification, the claim loop keeps looking (growing intervals, 62 ms in all)
+    before it trusts that the key is empty, so a commit that becomes visible within that
+    window reaches the waiting receiver without any further notification or poll."""
+    layer = ChannelLayer(driver="memory", store=f"claim-loop-{next(_stores)}", poll_interval=60)
+    try:
+        channel = await layer.new_channel()
+        key = routing_key(channel)
+        receiver = asyncio.ensure_future(layer.receive(channel))
+        await _until(lambda: layer._claimer is not None, "a claim loop started")
+        claimer = layer._claimer
+        assert claimer is not None
+        other = claimer.driver.sibling()
+        await other.open()
+        hidden.add(key)
+        envelope = Envelope(channel, key, layer._codec.encode({"n": 2}), time.time() + 60, 100)
+        await other.push([envelope], time.time())
+        await asyncio.sleep(0.01)  # the first re-checks find nothing
+        assert key not in claimer.clean
+        hidden.discard(key)
+        assert await asyncio.wait_for(receiver, GUARD) == {"n": 2}
+        await other.close()
+    finally:
+        await layer.close()
