@@ -1,4 +1,5 @@
-"""The claim loop's trust in "nothing stored for this key" (its ``clean`` set).
+"""The claim loop's trust in "nothing stored for this key" (its ``clean`` set), and the
+same-process fast path for normal channels that relies on it.
 
 A change notification can come before the commit it announces is visible (SQLite writes the
 WAL, then publishes the commit in its index; a loaded machine can deschedule the writer in
@@ -12,6 +13,7 @@ import asyncio
 import itertools
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import pytest
 
@@ -19,6 +21,7 @@ from channels_lite import ChannelLayer
 from channels_lite.core.naming import routing_key
 from channels_lite.drivers.base import Claimed, ClaimRequest, Envelope
 from channels_lite.drivers.memory import MemoryDriver
+from channels_lite.drivers.sqlite import SQLiteDriver
 
 GUARD = 10.0
 _stores = itertools.count()
@@ -103,5 +106,51 @@ async def test_key_not_taken_for_empty_right_after_a_notification(hidden: set[st
         hidden.discard(key)
         assert await asyncio.wait_for(receiver, GUARD) == {"n": 2}
         await other.close()
+    finally:
+        await layer.close()
+
+
+async def test_normal_channel_send_goes_straight_to_a_waiting_local_receiver(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Storage holds nothing for the channel and a receiver of this process waits on it: the
+    message is handed over without a storage round trip."""
+    pushes: list[int] = []
+    original = SQLiteDriver.push
+
+    async def counting_push(self: SQLiteDriver, envelopes, now):  # type: ignore[no-untyped-def]
+        pushes.append(len(envelopes))
+        return await original(self, envelopes, now)
+
+    monkeypatch.setattr(SQLiteDriver, "push", counting_push)
+    layer = ChannelLayer(driver="sqlite", path=str(tmp_path / "db.sqlite3"))
+    try:
+        receiver = asyncio.ensure_future(layer.receive("jobs"))
+        await _until(lambda: layer._claimer is not None, "a claim loop started")
+        claimer = layer._claimer
+        assert claimer is not None
+        await _until(lambda: "jobs" in claimer.clean, "storage known empty for 'jobs'")
+        await layer.send("jobs", {"n": 1})
+        assert await asyncio.wait_for(receiver, GUARD) == {"n": 1}
+        assert pushes == []
+    finally:
+        await layer.close()
+
+
+async def test_normal_channel_fast_path_never_overtakes_a_stored_message(
+    tmp_path: Path,
+) -> None:
+    """A message already stored for the channel is received before one sent later by the same
+    writer, whether that one went through storage or straight to the receiver."""
+    layer = ChannelLayer(driver="sqlite", path=str(tmp_path / "db.sqlite3"))
+    try:
+        for round_ in range(20):
+            await layer.send("jobs", {"n": (round_, 1)})  # nobody waits: stored
+            receiver = asyncio.ensure_future(layer.receive("jobs"))
+            await asyncio.sleep(0)  # the receiver waits now
+            await layer.send("jobs", {"n": (round_, 2)})
+            assert await asyncio.wait_for(receiver, GUARD) == {"n": [round_, 1]}
+            second = await asyncio.wait_for(layer.receive("jobs"), GUARD)
+            assert second == {"n": [round_, 2]}
     finally:
         await layer.close()

@@ -204,3 +204,57 @@ async def test_burst_of_commits_is_coalesced(driver: SQLiteDriver, db_path: Path
     await asyncio.wait_for(done.wait(), GUARD)
     await asyncio.sleep(0)
     assert len(calls) == 1
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    async with asyncio.timeout(GUARD):
+        while not condition():
+            await asyncio.sleep(0.001)
+
+
+@linux_only
+async def test_own_inline_writes_do_not_wake(driver: SQLiteDriver, db_path: Path) -> None:
+    """inotify reports this process's own commits too; data_version of the inline connection
+    tells them apart, so they wake nobody (the core hears of its own pushes directly), while
+    another connection's commit still does."""
+    await driver.push([Envelope("c", "c", b"first", NOW + 60, 100)], NOW)  # inline conn open
+    fired, listener, _ = event_listener()
+    driver.add_change_listener(listener)
+    watcher, visible = driver._watcher, driver._visible
+    assert isinstance(watcher, notify.InotifyWatcher)
+    assert visible is not None
+    for n in range(5):
+        await driver.push([Envelope("c", "c", b"%d" % n, NOW + 60, 100)], NOW)
+    watcher._readable()  # drain the kernel's events for those writes now
+    await _until(lambda: visible.suppressed >= 1)
+    assert not fired.is_set()
+    assert visible.passed == 0
+    commit_elsewhere(db_path)
+    await asyncio.wait_for(fired.wait(), GUARD)
+    assert visible.passed == 1
+
+
+async def test_visible_changes_waits_for_a_commit_to_become_visible() -> None:
+    """A file event can precede the visibility of its commit: the filter looks again at
+    growing intervals and passes the event on once data_version moves."""
+    loop = asyncio.get_running_loop()
+    readings = iter([7, 7, 7, 7, 8])
+    fired = asyncio.Event()
+    visible = notify.VisibleChanges(loop, lambda: next(readings), fired.set)  # reads 7
+    visible()  # 7: unchanged, look again later
+    assert not fired.is_set()
+    await asyncio.wait_for(fired.wait(), GUARD)  # 7, 7, then 8
+    assert (visible.passed, visible.suppressed) == (1, 0)
+
+
+async def test_visible_changes_gives_up_on_own_writes_and_passes_unknowns() -> None:
+    loop = asyncio.get_running_loop()
+    calls: list[int] = []
+    visible = notify.VisibleChanges(loop, lambda: 3, lambda: calls.append(1))
+    visible()
+    await _until(lambda: visible.suppressed == 1)
+    assert calls == []
+    blind = notify.VisibleChanges(loop, lambda: None, lambda: calls.append(1))
+    blind()
+    blind()
+    assert calls == [1, 1], "no inline connection: every event is passed on"

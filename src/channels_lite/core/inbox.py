@@ -158,6 +158,12 @@ class Inbox:
             self._append(message)
             return True
 
+    def hand_to_waiter(self, message: Claimed, loop: asyncio.AbstractEventLoop) -> bool:
+        """Give ``message`` to a receiver waiting on its channel, if there is one; never
+        buffers it. ``loop`` is the caller's."""
+        with self._lock:
+            return self._hand_to_waiter(message, loop)
+
     def _hand_to_waiter(self, message: Claimed, loop: asyncio.AbstractEventLoop) -> bool:
         waiters = self._waiters.get(message.channel)
         while waiters:

@@ -449,6 +449,18 @@ class Connection:
         self._inline, self._inline_switches = raw, switches
         return raw
 
+    def data_version(self) -> int | None:
+        """``PRAGMA data_version`` on the inline connection: it changes when *another*
+        connection's commit becomes visible, never for this process's inline writes. None
+        when there is no inline connection (yet)."""
+        raw = self._inline
+        if raw is None or self._inline_switches != self.switches:
+            return None
+        try:
+            return int(raw.execute("PRAGMA data_version").fetchone()[0])
+        except sqlite3.Error:
+            return None
+
     def _drop_inline(self) -> None:
         raw, self._inline = self._inline, None
         if raw is not None:

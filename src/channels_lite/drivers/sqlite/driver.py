@@ -26,7 +26,13 @@ from channels_lite.drivers.listeners import ChangeListeners
 from channels_lite.drivers.sqlite import ops
 from channels_lite.drivers.sqlite.connection import Connection
 from channels_lite.drivers.sqlite.files import default_path, prepare_file
-from channels_lite.drivers.sqlite.notify import DataVersionPoller, Watcher, start_watcher
+from channels_lite.drivers.sqlite.notify import (
+    DataVersionPoller,
+    InotifyWatcher,
+    VisibleChanges,
+    Watcher,
+    start_watcher,
+)
 from channels_lite.drivers.sqlite.schema import Tables, prepare
 
 __all__ = ["SQLiteDriver"]
@@ -154,6 +160,7 @@ class SQLiteDriver(Driver):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._listeners = ChangeListeners(logger)
         self._watcher: Watcher | None = None
+        self._visible: VisibleChanges | None = None
 
     def describe(self) -> str:
         return f"sqlite at {self.path}"
@@ -202,6 +209,7 @@ class SQLiteDriver(Driver):
                 self._start_watcher()
 
     async def close(self) -> None:
+        self._stop_visible()
         watcher, self._watcher = self._watcher, None
         if watcher is not None:
             await watcher.stop()
@@ -328,14 +336,24 @@ class SQLiteDriver(Driver):
 
     def remove_change_listener(self, callback: Callable[[], None]) -> None:
         if self._listeners.remove(callback) and self._watcher is not None:
+            self._stop_visible()
             watcher, self._watcher = self._watcher, None
             loop = self._loop or asyncio.get_running_loop()
             self._listeners.stop_in_background(loop, watcher.stop())
 
     def _start_watcher(self) -> None:
-        if self._loop is None:
+        if self._loop is None or self._conn is None:
             return
-        self._watcher = start_watcher(self._loop, self.path, self.timeout, self._listeners.notify)
+        visible = VisibleChanges(self._loop, self._conn.data_version, self._listeners.notify)
+        self._watcher = start_watcher(
+            self._loop, self.path, self.timeout, self._listeners.notify, on_file_event=visible
+        )
+        self._visible = visible if isinstance(self._watcher, InotifyWatcher) else None
+
+    def _stop_visible(self) -> None:
+        visible, self._visible = self._visible, None
+        if visible is not None:
+            visible.stop()
 
     def _file_switched(self) -> None:
         """The connection moved to a new file at the path: re-aim a data_version poller

@@ -24,7 +24,7 @@ from channels_lite.core.ratelimit import RateLimitedLog
 from channels_lite.drivers.base import DriverError
 from channels_lite.drivers.sqlite.connection import Connection
 
-__all__ = ["DataVersionPoller", "InotifyWatcher", "Watcher", "start_watcher"]
+__all__ = ["DataVersionPoller", "InotifyWatcher", "VisibleChanges", "Watcher", "start_watcher"]
 
 logger = logging.getLogger("channels_lite.drivers.sqlite")
 #: The data_version poll fails every second while the file is unreadable: one line a minute.
@@ -44,6 +44,9 @@ _READ_SIZE = 64 * 1024
 
 #: Poll period of the fallback. data_version is a cheap read of the WAL index.
 POLL_INTERVAL = 0.005
+#: VisibleChanges: further looks at data_version after a file event that did not change it
+#: (62 ms in all; see that class).
+_LOOK_AGAIN = (0.001, 0.002, 0.004, 0.008, 0.016, 0.031)
 
 
 class Watcher(abc.ABC):
@@ -146,6 +149,73 @@ class InotifyWatcher(Watcher):
         self._close_fd()
 
 
+class VisibleChanges:
+    """Passes inotify's "the file was written" on only once another connection's commit is
+    visible, read from ``PRAGMA data_version`` of the connection this process writes with.
+
+    Every write to the -wal file raises an event, this process's own commits included, and a
+    wake-up for those is worse than useless: it makes the claim loop distrust every key it
+    knows to be empty, and claim again, for a commit whose keys it already knows (the core
+    hears of its own pushes directly). data_version tells the two apart: it changes for other
+    connections' commits only. A commit can be written a moment before it is visible (the WAL
+    first, then the index), so an event that changes nothing is looked at again a few times
+    (62 ms in all) before it is taken for this process's own write. A reading of None (no
+    inline connection yet) passes everything on.
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        read_version: Callable[[], int | None],
+        on_change: Callable[[], None],
+    ) -> None:
+        self._loop = loop
+        self._read = read_version
+        self._on_change = on_change
+        self._seen = read_version()
+        self._timer: asyncio.TimerHandle | None = None
+        self._left: tuple[float, ...] = ()
+        #: Events passed on, and events taken for this process's own writes (tests).
+        self.passed = 0
+        self.suppressed = 0
+
+    def __call__(self) -> None:
+        if self._passed_on():
+            return
+        self._left = _LOOK_AGAIN  # (re)start the looks of an event still unexplained
+        if self._timer is None:
+            self._look_later()
+
+    def _passed_on(self) -> bool:
+        version = self._read()
+        if version is not None and version == self._seen:
+            return False
+        self._seen = version
+        self.stop()
+        self.passed += 1
+        self._on_change()
+        return True
+
+    def _look_later(self) -> None:
+        delay, self._left = self._left[0], self._left[1:]
+        self._timer = self._loop.call_later(delay, self._look)
+
+    def _look(self) -> None:
+        self._timer = None
+        if self._passed_on():
+            return
+        if self._left:
+            self._look_later()
+        else:
+            self.suppressed += 1
+
+    def stop(self) -> None:
+        timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.cancel()
+        self._left = ()
+
+
 class DataVersionPoller(Watcher):
     def __init__(
         self,
@@ -199,11 +269,17 @@ def start_watcher(
     path: str,
     timeout: float,
     on_change: Callable[[], None],
+    *,
+    on_file_event: Callable[[], None] | None = None,
 ) -> Watcher:
-    """The fastest watcher available here: inotify on Linux, else data_version polling."""
+    """The fastest watcher available here: inotify on Linux, else data_version polling.
+
+    ``on_file_event``, if given, receives inotify's raw events instead of ``on_change`` (see
+    :class:`VisibleChanges`); the poller reports only real changes and calls ``on_change``.
+    """
     if sys.platform.startswith("linux"):
         try:
-            return InotifyWatcher(loop, path, on_change)
+            return InotifyWatcher(loop, path, on_file_event or on_change)
         except (OSError, AttributeError) as exc:
             # AttributeError: a C library without inotify symbols.
             if getattr(exc, "errno", None) in (errno.EMFILE, errno.ENOSPC):

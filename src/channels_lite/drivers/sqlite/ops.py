@@ -186,6 +186,11 @@ def heartbeat(
     raw: sqlite3.Connection, t: Tables, process_key: str, expires_at: float, now: float
 ) -> tuple[list[str], float | None]:
     """Renew the lease and reap; also return the lease's previous ``expires_at`` (or None)."""
+    # Copy the WAL into the database first (PASSIVE: never waits, never blocks anyone). When
+    # nothing else happened since the last renewal, that leaves the WAL fully copied, and the
+    # write below restarts it from its beginning instead of appending: an idle process renews
+    # its lease forever without growing any file.
+    raw.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
     with immediate(raw):
         row = raw.execute(
             f"SELECT expires_at FROM {t.processes} WHERE key = ?", (process_key,)
