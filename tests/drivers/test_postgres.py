@@ -418,7 +418,7 @@ async def test_group_fan_out_is_one_round_trip(make_driver: Any) -> None:
         conn.pgconn.trace(trace.fileno())
         conn.pgconn.set_trace_flags(psycopg.pq.Trace.SUPPRESS_TIMESTAMPS)
         try:
-            flags = await driver._ops.run_push(conn, batch, NOW)
+            flags = await driver._ops.run_push(conn, batch, NOW, "test")
         finally:
             conn.pgconn.untrace()
             driver._pool.putconn(conn)
@@ -621,6 +621,26 @@ async def test_refused_push_notifies_nobody(make_driver: Any) -> None:
     assert await sender.push([env("x.k!1", b"2", key="k!", capacity=1)], NOW) == [False]
     await asyncio.sleep(0.3)
     assert calls == []
+
+
+@pytest.mark.asyncio
+async def test_own_pushes_do_not_wake_own_listener(make_driver: Any) -> None:
+    """An instance's NOTIFYs carry its token and its own listener skips them (the core hears
+    of its own pushes directly); another instance's push still wakes it."""
+    a, sender = await make_driver(), await make_driver()
+    calls: list[int] = []
+    a.add_change_listener(lambda: calls.append(1))
+    await a.claim([ClaimRequest("k!", 10)], NOW)
+    await eventually(lambda: bool(calls), "the catch-up call after LISTEN")
+    await asyncio.sleep(0.2)
+    calls.clear()
+    before = a._listener.notifications
+    await a.push([env("x.k!1", b"own", key="k!")], NOW)
+    await a.push([env("jobs", b"own normal")], NOW)
+    await sender.push([env("x.k!2", b"other", key="k!")], NOW)
+    await eventually(lambda: bool(calls), "the other instance's wake-up")
+    # Notifications arrive in commit order: a's own two came first and were skipped.
+    assert a._listener.notifications == before + 1
 
 
 @pytest.mark.asyncio

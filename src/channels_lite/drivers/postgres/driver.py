@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -144,6 +145,9 @@ class PostgresDriver(Driver):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._listeners = ChangeListeners(logger)
         self._listener: Listener | None = None
+        # Sent with this instance's NOTIFYs, so that its own listener skips them: the core
+        # hears of its own pushes directly, and a wake-up for them only costs a claim.
+        self._token = secrets.token_hex(8)
 
     def describe(self) -> str:
         where = (
@@ -260,7 +264,7 @@ class PostgresDriver(Driver):
         batch = tuple(envelopes)
         # Not replayable after a lost connection: the commit may have happened.
         return await pool.run(
-            lambda conn: ops.run_push(conn, batch, now),
+            lambda conn: ops.run_push(conn, batch, now, self._token),
             doing="storing messages",
             replayable=False,
         )
@@ -361,7 +365,11 @@ class PostgresDriver(Driver):
         if self._loop is None or self.target is None or self._ops is None:
             return
         listener = Listener(
-            self.target, self._ops.tables.namespace, self._listeners.notify, timeout=self.timeout
+            self.target,
+            self._ops.tables.namespace,
+            self._listeners.notify,
+            timeout=self.timeout,
+            own_token=self._token,
         )
         self._listener = listener
         listener.start(self._loop)

@@ -87,7 +87,7 @@ WITH batch AS (
     INSERT INTO {t.messages} (channel, key, payload, expires_at)
     SELECT channel, key, payload, expires_at FROM ranked WHERE ahead < capacity ORDER BY ord
 ), woken AS (
-    SELECT pg_notify(w.wake, '') FROM (
+    SELECT pg_notify(w.wake, %(token)s) FROM (
         SELECT DISTINCT wake FROM ranked WHERE ahead < capacity
     ) AS w
 )
@@ -204,18 +204,20 @@ GROUP BY group_name ORDER BY n DESC, group_name LIMIT %(top)s
 
     # -- push ------------------------------------------------------------------------------
 
-    async def run_push(self, conn: Conn, envelopes: Sequence[Envelope], now: float) -> list[bool]:
+    async def run_push(
+        self, conn: Conn, envelopes: Sequence[Envelope], now: float, token: str
+    ) -> list[bool]:
         runs = _runs(envelopes)
         # A channel's capacity changes inside the batch (rare): one statement per run, all in
         # one implicit transaction (one pipeline, one Sync), later runs seeing earlier ones.
         cursors = [conn.cursor() for _ in runs]
         try:
             if len(runs) == 1:
-                await cursors[0].execute(self.push, self._push_params(runs[0], now))
+                await cursors[0].execute(self.push, self._push_params(runs[0], now, token))
             else:
                 async with conn.pipeline():
                     for cursor, run in zip(cursors, runs, strict=True):
-                        await cursor.execute(self.push, self._push_params(run, now))
+                        await cursor.execute(self.push, self._push_params(run, now, token))
         except psycopg.OperationalError as exc:
             # No result came back (psycopg keeps a result only once the statement ended):
             # see errors.NotApplied for why the push can then run again.
@@ -235,7 +237,7 @@ GROUP BY group_name ORDER BY n DESC, group_name LIMIT %(top)s
             flags.extend(_flags(await cursor.fetchall(), len(run)))
         return flags
 
-    def _push_params(self, run: Sequence[Envelope], now: float) -> dict[str, Any]:
+    def _push_params(self, run: Sequence[Envelope], now: float, token: str) -> dict[str, Any]:
         namespace = self.tables.namespace
         most: dict[str, int] = {}
         for env in run:
@@ -252,6 +254,7 @@ GROUP BY group_name ORDER BY n DESC, group_name LIMIT %(top)s
             "held_channels": list(most),
             "held_most": list(most.values()),
             "now": now,
+            "token": token,
         }
 
     # -- claim -----------------------------------------------------------------------------

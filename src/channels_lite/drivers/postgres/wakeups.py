@@ -91,8 +91,12 @@ class Listener:
         on_change: Callable[[], None],
         *,
         timeout: float,
+        own_token: str = "",
     ) -> None:
         self._target = target
+        # NOTIFYs carrying it come from our own driver instance: not a change for us.
+        self._own = own_token
+        self._own_bytes = own_token.encode()
         self._namespace = namespace
         self._on_change = on_change
         self._timeout = timeout
@@ -289,14 +293,17 @@ class Listener:
                 self._changed.set()
             return
         count = 0
-        while pgconn.notifies() is not None:
-            count += 1
+        while (notify := pgconn.notifies()) is not None:
+            if not self._own or notify.extra != self._own_bytes:
+                count += 1
         if count:
             self.notifications += count
             self._fire()
 
     def _notified_in_command(self, notify: psycopg.Notify) -> None:
         # psycopg hands over notifications that arrive while LISTEN/SELECT 1 run.
+        if self._own and notify.payload == self._own:
+            return
         self.notifications += 1
         self._notified_during_command = True
 
