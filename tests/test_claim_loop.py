@@ -19,7 +19,8 @@ import pytest
 
 from channels_lite import ChannelLayer
 from channels_lite.core.naming import routing_key
-from channels_lite.drivers.base import Claimed, ClaimRequest, Envelope
+from channels_lite.core.receiver import ClaimLoop
+from channels_lite.drivers.base import Claimed, ClaimRequest, Driver, Envelope
 from channels_lite.drivers.memory import MemoryDriver
 from channels_lite.drivers.sqlite import SQLiteDriver
 
@@ -50,6 +51,28 @@ def hidden(monkeypatch: pytest.MonkeyPatch) -> set[str]:
     return keys
 
 
+async def _waiting_with_hidden_push(
+    layer: ChannelLayer, hidden: set[str], message: dict[str, int]
+) -> tuple[str, asyncio.Future[dict[str, object]], ClaimLoop, Driver]:
+    """A receiver waits on a new process-specific channel of ``layer``; another connection to
+    the same storage (another process) pushes ``message`` there, hidden from claims for now.
+    Returns the channel, the receiver, the claim loop and that other connection (open). The
+    claim loop's generation is 0 until it hears of the push (nothing else notifies here)."""
+    channel = await layer.new_channel()
+    key = routing_key(channel)
+    receiver = asyncio.ensure_future(layer.receive(channel))
+    await _until(lambda: layer._claimer is not None, "a claim loop started")
+    claimer = layer._claimer
+    assert claimer is not None
+    other = claimer.driver.sibling()
+    await other.open()
+    hidden.add(key)
+    assert claimer._generation == 0
+    envelope = Envelope(channel, key, layer._codec.encode(message), time.time() + 60, 100)
+    assert await other.push([envelope], time.time()) == [True]
+    return channel, receiver, claimer, other
+
+
 async def test_late_visible_message_reaches_a_receiver_after_the_loop_parked(
     hidden: set[str],
 ) -> None:
@@ -58,20 +81,10 @@ async def test_late_visible_message_reaches_a_receiver_after_the_loop_parked(
     still get it (before: it waited for the next send to that process, forever here)."""
     layer = ChannelLayer(driver="memory", store=f"claim-loop-{next(_stores)}")
     try:
-        channel = await layer.new_channel()
+        channel, first, claimer, other = await _waiting_with_hidden_push(layer, hidden, {"n": 1})
         key = routing_key(channel)
-        first = asyncio.ensure_future(layer.receive(channel))
-        await _until(lambda: layer._claimer is not None, "a claim loop started")
-        claimer = layer._claimer
-        assert claimer is not None
-        other = claimer.driver.sibling()  # another process's connection to the same storage
-        await other.open()
-        hidden.add(key)
-        notified_before = claimer._generation
-        envelope = Envelope(channel, key, layer._codec.encode({"n": 1}), time.time() + 60, 100)
-        assert await other.push([envelope], time.time()) == [True]
         await _until(
-            lambda: claimer._generation > notified_before and key in claimer.clean,
+            lambda: claimer._generation > 0 and key in claimer.clean,
             "the key taken for empty after the notification",
         )
         first.cancel()
@@ -90,17 +103,8 @@ async def test_key_not_taken_for_empty_right_after_a_notification(hidden: set[st
     window reaches the waiting receiver without any further notification or poll."""
     layer = ChannelLayer(driver="memory", store=f"claim-loop-{next(_stores)}", poll_interval=60)
     try:
-        channel = await layer.new_channel()
+        channel, receiver, claimer, other = await _waiting_with_hidden_push(layer, hidden, {"n": 2})
         key = routing_key(channel)
-        receiver = asyncio.ensure_future(layer.receive(channel))
-        await _until(lambda: layer._claimer is not None, "a claim loop started")
-        claimer = layer._claimer
-        assert claimer is not None
-        other = claimer.driver.sibling()
-        await other.open()
-        hidden.add(key)
-        envelope = Envelope(channel, key, layer._codec.encode({"n": 2}), time.time() + 60, 100)
-        await other.push([envelope], time.time())
         await asyncio.sleep(0.01)  # the first re-checks find nothing
         assert key not in claimer.clean
         hidden.discard(key)
