@@ -208,3 +208,29 @@ async def test_schema_1_database_is_upgraded_with_its_counts(db_path: Path) -> N
         "SELECT value FROM channels_lite_meta WHERE name = 'schema_version'"
     )
     assert version.fetchall() == [(str(SCHEMA_VERSION),)]
+
+
+async def test_wal_stays_small_under_continuous_inline_writes(
+    driver: SQLiteDriver, db_path: Path
+) -> None:
+    """Several tasks writing all the time (each yielding a loop turn between calls, as the
+    layer's senders and claim loop do) would leave a checkpoint running beside them no moment
+    at which the whole WAL is copied, so the WAL would never start over and would grow past
+    journal_size_limit (it did, in a soak); while the background checkpoint runs, this
+    process's calls queue behind it in the worker thread instead."""
+    conn = connection(driver)
+    payload = b"p" * 512
+
+    async def writer(name: str) -> None:
+        for _ in range(CHECKPOINT_EVERY * 3):
+            await driver.push([env(name, payload)], NOW)
+            await asyncio.sleep(0)
+            assert len(await driver.claim([ClaimRequest(name, 1)], NOW)) == 1
+            await asyncio.sleep(0)
+
+    await asyncio.gather(*(writer(f"w{n}") for n in range(4)))
+    checkpoint = conn._checkpoint
+    if checkpoint is not None:
+        await checkpoint
+    # 4 800 write transactions of several pages each: well over 30 MB of WAL if never restarted.
+    assert os.path.getsize(f"{db_path}-wal") < 8 * 1024 * 1024

@@ -269,6 +269,7 @@ class Connection:
         self._inline_switches = -1
         self._inline_writes = 0
         self._checkpoint: asyncio.Task[None] | None = None
+        self._checkpointing = False
         #: Calls that ran inline, and inline attempts handed to the worker thread (tests).
         self.inline_calls = 0
         self.inline_fallbacks = 0
@@ -496,7 +497,11 @@ class Connection:
         )
 
     async def _checkpoint_passive(self) -> None:
-        # PASSIVE: copies what no reader still needs, never waits for or blocks anyone.
+        # Meanwhile this process's calls skip the inline path and queue behind the checkpoint
+        # in the worker thread. Otherwise the inline writer keeps appending frames while the
+        # checkpoint copies, the WAL is never found fully copied, and so it is never started
+        # over: it grew past 64 MB in a 10-minute soak. PASSIVE: never waits for anyone.
+        self._checkpointing = True
         try:
             await self.run(
                 lambda raw: raw.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall(),
@@ -504,6 +509,8 @@ class Connection:
             )
         except DriverError as exc:
             logger.debug("background checkpoint of %s failed: %s", self.path, exc)
+        finally:
+            self._checkpointing = False
 
     async def close(self) -> None:
         checkpoint, self._checkpoint = self._checkpoint, None
@@ -556,7 +563,7 @@ class Connection:
         lock, or anything else fails, the worker runs ``fn`` as above. Only for short ``fn``:
         it blocks the event loop while it runs. Nothing can cancel it halfway.
         """
-        if inline:
+        if inline and not self._checkpointing:
             raw = await self._inline_connection()
             if raw is not None:
                 with contextlib.suppress(_Fallback):
