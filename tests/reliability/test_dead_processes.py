@@ -20,7 +20,7 @@ import signal
 import sqlite3
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -39,15 +39,6 @@ TIMEOUT = 2.0
 #: The documented bound, plus room for a busy machine (event loops run late under load).
 BOUND = 2.25 * TIMEOUT + 2.0
 GROUPS = ["dead.room", "dead.lobby"]
-
-
-@pytest.fixture
-def children() -> Iterator[Children]:
-    running = Children()
-    try:
-        yield running
-    finally:
-        running.stop_all()
 
 
 @pytest.fixture

@@ -52,15 +52,6 @@ WORK = "fault.work"
 
 
 @pytest.fixture
-def children() -> Iterator[Children]:
-    running = Children()
-    try:
-        yield running
-    finally:
-        running.stop_all()
-
-
-@pytest.fixture
 def db(tmp_path: Path) -> str:
     return str(tmp_path / "faults.sqlite3")
 

@@ -31,7 +31,6 @@ import random
 import sqlite3
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,15 +48,6 @@ from channels_lite import ChannelLayer  # noqa: E402
 
 PROCESSES = 4
 SHORT_SECONDS = 5.0
-
-
-@pytest.fixture
-def children() -> Iterator[Children]:
-    running = Children()
-    try:
-        yield running
-    finally:
-        running.stop_all()
 
 
 def _plan(tmp_path: Path, *, soak: bool) -> workers.StressPlan:
