@@ -141,6 +141,46 @@ async def test_normal_channel_send_goes_straight_to_a_waiting_local_receiver(
         await layer.close()
 
 
+async def test_normal_channel_burst_reaches_local_receivers_that_come_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A writer sending faster than one loop turn: each of its sends finds every receiver
+    busy with the message before, yet they are back for more after one turn, so the burst
+    goes to them without storage, each message once, in order per receiver."""
+    pushes: list[int] = []
+    original = SQLiteDriver.push
+
+    async def counting_push(self: SQLiteDriver, envelopes, now):  # type: ignore[no-untyped-def]
+        pushes.append(len(envelopes))
+        return await original(self, envelopes, now)
+
+    monkeypatch.setattr(SQLiteDriver, "push", counting_push)
+    layer = ChannelLayer(driver="sqlite", path=str(tmp_path / "db.sqlite3"))
+    got: list[list[int]] = [[], [], []]
+
+    async def receive_forever(into: list[int]) -> None:
+        while True:
+            into.append((await layer.receive("jobs"))["n"])
+
+    receivers = [asyncio.ensure_future(receive_forever(into)) for into in got]
+    try:
+        await _until(lambda: layer._claimer is not None, "a claim loop started")
+        claimer = layer._claimer
+        assert claimer is not None
+        await _until(lambda: "jobs" in claimer.clean, "storage known empty for 'jobs'")
+        for n in range(300):
+            await layer.send("jobs", {"n": n})
+        await _until(lambda: sum(map(len, got)) == 300, "every message received")
+        assert sorted(n for into in got for n in into) == list(range(300))
+        assert all(into == sorted(into) for into in got)
+        assert pushes == []
+    finally:
+        for task in receivers:
+            task.cancel()
+        await asyncio.gather(*receivers, return_exceptions=True)
+        await layer.close()
+
+
 async def test_normal_channel_fast_path_never_overtakes_a_stored_message(
     tmp_path: Path,
 ) -> None:

@@ -284,11 +284,13 @@ class ChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         if key == self._process_key:
             self._send_local(channel, payload)
             return
-        if key == channel and self._inbox.has_waiters(key):
+        claimer = self._claimer
+        if key == channel and claimer is not None and key in claimer.clean:
             if self._hand_to_local_receiver(channel, payload):
                 return
-            # One loop turn lets a claim loop that was just woken take what this writer sent
-            # before, which is what stands between this message and the waiting receiver.
+            # One loop turn lets this process's receivers come back for more (each was just
+            # handed a message), or a claim loop that was just woken take what this writer
+            # sent before, which is what stands between this message and a waiting receiver.
             await asyncio.sleep(0)
             if self._hand_to_local_receiver(channel, payload):
                 return
