@@ -28,12 +28,15 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
 from channels_lite.drivers.sqlite import SQLiteDriver
+from twoworkers_app.protocol import BLOCK
 
 TESTS_DIR = Path(__file__).resolve().parent
 #: Failure guard only.
 GUARD = 30.0
-#: The kernel picks which worker accepts a connection; this many tries find both workers.
-MAX_CONNECTIONS = 24
+#: Connections tried before giving up on reaching both workers (two suffice, see the pairing).
+MAX_CONNECTIONS = 6
+#: How long a worker stalls so that the other one accepts the next connection.
+STALL = 1.0
 _STARTED = re.compile(rb"Started server process \[(\d+)\]")
 
 
@@ -200,10 +203,15 @@ async def _pair_on_two_workers(
         if len(by_pid) == 2:
             first, second = by_pid.values()
             return first, second, opened
-        # Which worker accepts is the kernel's choice: the one that wakes first takes every
-        # pending connection. A pause lets the other worker's loop get there first too.
-        await asyncio.sleep(0.02 * opened)
-    pytest.fail(f"{MAX_CONNECTIONS} connections all landed on worker {sorted(by_pid)}")
+        # Which idle worker accepts is the kernel's choice, and on a loaded machine the same
+        # one can win every time. Stall the one that just accepted: while its event loop is
+        # blocked, only the other worker can take the next connection.
+        await ws.send(f"{BLOCK}{STALL}")
+        await asyncio.sleep(0.05)  # the stall has begun
+    pytest.fail(
+        f"{MAX_CONNECTIONS} connections all landed on worker {sorted(by_pid)} of "
+        f"{sorted(server.workers)}:\n{server.log.read_text(errors='replace')}"
+    )
 
 
 async def _members(database: Path) -> int:

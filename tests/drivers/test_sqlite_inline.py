@@ -19,7 +19,11 @@ import pytest
 
 from channels_lite.drivers.base import ClaimRequest, Envelope
 from channels_lite.drivers.sqlite import SQLiteDriver
-from channels_lite.drivers.sqlite.connection import CHECKPOINT_EVERY, Connection
+from channels_lite.drivers.sqlite.connection import (
+    CHECKPOINT_EVERY,
+    INLINE_BUSY_TURNS,
+    Connection,
+)
 from channels_lite.drivers.sqlite.schema import SCHEMA_VERSION
 
 NOW = 1_700_000_000.0
@@ -98,7 +102,7 @@ async def test_big_push_goes_to_the_worker(driver: SQLiteDriver) -> None:
 async def test_locked_file_hands_the_push_to_the_worker(
     driver: SQLiteDriver, db_path: Path
 ) -> None:
-    """Another connection holds the write lock: the inline attempt fails at once (it must never
+    """Another connection holds the write lock: each inline attempt fails at once (it must never
     block the event loop), the worker waits for the lock, and the message is stored once."""
     conn = connection(driver)
     await driver.push([env("warm", b"w")], NOW)  # the inline connection is open
@@ -106,7 +110,11 @@ async def test_locked_file_hands_the_push_to_the_worker(
     try:
         blocker.execute("BEGIN IMMEDIATE")
         task = asyncio.ensure_future(driver.push([env("c", b"once")], NOW))
-        await asyncio.sleep(0)  # one loop turn: the push tried inline and went to the worker
+        # The push tries inline once per loop turn for INLINE_BUSY_TURNS turns, then goes
+        # to the worker; the event loop keeps running meanwhile.
+        for _ in range(INLINE_BUSY_TURNS + 1):
+            await asyncio.sleep(0)
+        assert conn.inline_busy_turns == INLINE_BUSY_TURNS
         assert conn.inline_fallbacks == 1
         assert not task.done()
         blocker.execute("ROLLBACK")

@@ -2,13 +2,15 @@
 
 The first message a client gets is ``{"pid": ..., "channel": ...}``, so the test knows which
 worker process serves it. Every text frame a client sends is group-sent to ``room``, and every
-member, in whichever worker, forwards it as ``{"text": ..., "from_pid": ..., "pid": ...}``.
+member, in whichever worker, forwards it as ``{"text": ..., "from_pid": ..., "pid": ...}``,
+except ``__block__:<seconds>``, which stalls the serving worker (a test hook).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any
 
 import django
@@ -18,6 +20,8 @@ django.setup(set_prefix=False)
 
 from channels.generic.websocket import AsyncWebsocketConsumer  # noqa: E402
 from channels.routing import ProtocolTypeRouter  # noqa: E402
+
+from twoworkers_app.protocol import BLOCK  # noqa: E402
 
 ROOM = "room"
 
@@ -32,6 +36,11 @@ class RoomConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
         await self.channel_layer.group_discard(ROOM, self.channel_name)
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        if text_data is not None and text_data.startswith(BLOCK):
+            # Stall this worker's event loop on purpose: while it cannot accept, the next
+            # connection can only go to the other worker (see the test's pairing).
+            time.sleep(float(text_data[len(BLOCK) :]))
+            return
         await self.channel_layer.group_send(
             ROOM, {"type": "room.message", "text": text_data, "from_pid": os.getpid()}
         )
