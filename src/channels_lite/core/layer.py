@@ -285,12 +285,18 @@ class ChannelLayer(BaseChannelLayer):  # type: ignore[misc]
             self._send_local(channel, payload)
             return
         claimer = self._claimer
-        if key == channel and claimer is not None and key in claimer.clean:
+        if (
+            key == channel
+            and claimer is not None
+            and (key in claimer.clean or self._inbox.has_waiters(key))
+        ):
             if self._hand_to_local_receiver(channel, payload):
                 return
             # One loop turn lets this process's receivers come back for more (each was just
-            # handed a message), or a claim loop that was just woken take what this writer
-            # sent before, which is what stands between this message and a waiting receiver.
+            # handed a message), or the claim loop take what this writer stored before, which
+            # is what stands between this message and a waiting receiver. Without it a
+            # writer that once went through storage would never come back: it checks before
+            # the claim loop has run.
             await asyncio.sleep(0)
             if self._hand_to_local_receiver(channel, payload):
                 return

@@ -26,6 +26,7 @@ _failures = RateLimitedLog(logger, interval=60.0)
 #: Further looks after a change notification whose claim found nothing (see ``_rechecks``):
 #: 62 ms in all, for a writer descheduled between writing the WAL and publishing the commit.
 _RECHECKS = (0.002, 0.004, 0.008, 0.016, 0.032)
+_RECHECK_WINDOW = sum(_RECHECKS)
 #: Messages claimed per process key in one round.
 CLAIM_BATCH = 100
 #: Wait after a failed claim, doubling up to the ceiling while storage keeps failing.
@@ -59,10 +60,14 @@ class ClaimLoop:
         # A change notification can arrive a moment before the commit it announces is visible
         # to readers (SQLite: the WAL is written, then its index; on a loaded machine the
         # writer can be descheduled in between for milliseconds). If the claims it triggers
-        # find nothing, look again at growing intervals, and mark no key clean meanwhile:
-        # a key wrongly marked clean would leave its message to the safety-net poll, or to
-        # nobody if every receiver came after the claim loop parked.
+        # find nothing, look again at growing intervals; and mark no key clean from claims
+        # that began less than the whole recheck window after the notification: a key
+        # wrongly marked clean would leave its message to the safety-net poll, or to nobody
+        # if every receiver came after the claim loop parked. A deadline, not "until the
+        # rechecks ran": claims that keep finding messages never run them, and a process
+        # that kept receiving would then never trust any key again.
         self._rechecks: tuple[float, ...] = ()
+        self._distrust_until = 0.0
         #: Parked: nobody waits, and only a wake() starts the next claim.
         self.parked = False
         self.task: asyncio.Task[None] = loop.create_task(self._run(), name="channels-lite claim")
@@ -76,6 +81,7 @@ class ClaimLoop:
     def _on_change(self) -> None:
         self._generation += 1
         self._rechecks = _RECHECKS
+        self._distrust_until = self.loop.time() + _RECHECK_WINDOW
         self.clean.clear()
         _trace.debug("wake", "woken by a storage change notification")
         self.wakeup.set()
@@ -121,6 +127,7 @@ class ClaimLoop:
                 continue
             now = self.clock()
             generation = self._generation
+            began = self.loop.time()
             # A driver absorbs a cancellation that arrives mid-claim and returns what it took
             # (see Driver.claim); it is re-raised here once those messages are in the inbox.
             try:
@@ -139,13 +146,13 @@ class ClaimLoop:
                 self.inbox.deliver(claimed, now, self.loop)
                 self.backoff.reset()
             # Not right after a notification: what it announced may not be visible yet.
-            if trust_clean and generation == self._generation and not self._rechecks:
+            if trust_clean and generation == self._generation and began >= self._distrust_until:
                 self._mark_clean(requests, claimed)
             task = asyncio.current_task()
             if task is not None and task.cancelling():
                 raise asyncio.CancelledError
             if not claimed:
-                if self._rechecks:
+                if self._rechecks and self.loop.time() < self._distrust_until:
                     delay, self._rechecks = self._rechecks[0], self._rechecks[1:]
                     await self.wakeup.wait(delay)
                 else:
