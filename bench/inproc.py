@@ -211,12 +211,21 @@ async def group_fanout(key: str, config: dict[str, Any], sizes: Sizes) -> dict[s
     }
 
 
-def _collect_setup_garbage() -> None:
-    """A full collection before timing, for every layer alike. Creating thousands of receiver
-    tasks promotes them all; the timed pass would otherwise pay the full collection that this
-    set-up triggers (20-45 ms at 10,000 receivers, i.e. 10-20 us on each of 2,000 messages),
-    which measures the harness's heap, not the layer's cost per message."""
+#: Pause before timing a growth point (see _settle).
+SETTLE = 0.5
+
+
+async def _settle() -> None:
+    """Before timing a growth point, for every layer alike: a full collection, and a pause.
+
+    Creating thousands of receiver tasks promotes them all; the timed pass would otherwise pay
+    the full collection this set-up triggers (20-45 ms at 10,000 receivers, i.e. 10-20 us on
+    each of 2,000 messages), which measures the harness's heap. The pause lets a layer finish
+    what its first use started (opening storage, a first housekeeping round in a worker
+    thread); a pass of 2,000 messages takes 30-100 ms, short enough for either to dominate it.
+    """
     gc.collect()
+    await asyncio.sleep(SETTLE)
 
 
 async def growth_channels(key: str, config: dict[str, Any], sizes: Sizes, count: int) -> float:
@@ -237,7 +246,7 @@ async def growth_channels(key: str, config: dict[str, Any], sizes: Sizes, count:
             if not await done.wait():
                 raise RuntimeError("warm-up message never arrived")
             done.reset(m)
-            _collect_setup_garbage()
+            await _settle()
             start = time.perf_counter()
             for i in range(m):
                 await layer.send(channels[i % count], {"type": "bench.msg", "i": i})
@@ -270,7 +279,7 @@ async def growth_members(key: str, config: dict[str, Any], sizes: Sizes, count: 
             if not await done.wait():
                 raise RuntimeError("warm-up group_send never arrived")
             done.reset(sends * count)
-            _collect_setup_garbage()
+            await _settle()
             start = time.perf_counter()
             for s in range(sends):
                 await layer.group_send(group, {"type": "bench.group", "s": s})
