@@ -11,7 +11,6 @@ import random
 import sqlite3
 import threading
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -50,31 +49,6 @@ def rows(path: Path, sql: str, params: tuple[object, ...] = ()) -> list[tuple[ob
         return conn.execute(sql, params).fetchall()
     finally:
         conn.close()
-
-
-@pytest.fixture
-def db_path(tmp_path: Path) -> Path:
-    return tmp_path / "layer.sqlite3"
-
-
-@pytest.fixture
-async def driver(db_path: Path) -> AsyncIterator[SQLiteDriver]:
-    instance = SQLiteDriver(path=db_path, timeout=2.0)
-    await instance.open()
-    try:
-        yield instance
-    finally:
-        await instance.close()
-
-
-@pytest.fixture
-async def sibling(driver: SQLiteDriver) -> AsyncIterator[SQLiteDriver]:
-    instance = driver.sibling()
-    await instance.open()
-    try:
-        yield instance
-    finally:
-        await instance.close()
 
 
 async def pragma(driver: SQLiteDriver, name: str) -> object:

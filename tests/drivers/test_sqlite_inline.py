@@ -12,10 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
-from collections.abc import AsyncIterator
 from pathlib import Path
-
-import pytest
 
 from channels_lite.drivers.base import ClaimRequest, Envelope
 from channels_lite.drivers.sqlite import SQLiteDriver
@@ -53,21 +50,6 @@ def live_counts(path: Path) -> dict[str, int]:
         )
     finally:
         conn.close()
-
-
-@pytest.fixture
-def db_path(tmp_path: Path) -> Path:
-    return tmp_path / "layer.sqlite3"
-
-
-@pytest.fixture
-async def driver(db_path: Path) -> AsyncIterator[SQLiteDriver]:
-    instance = SQLiteDriver(path=db_path, timeout=5.0)
-    await instance.open()
-    try:
-        yield instance
-    finally:
-        await instance.close()
 
 
 def connection(driver: SQLiteDriver) -> Connection:

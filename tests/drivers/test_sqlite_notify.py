@@ -8,7 +8,7 @@ import os
 import sqlite3
 import sys
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -33,21 +33,6 @@ def commit_elsewhere(path: Path, channel: str = "c") -> None:
         )
     finally:
         conn.close()
-
-
-@pytest.fixture
-def db_path(tmp_path: Path) -> Path:
-    return tmp_path / "notify.sqlite3"
-
-
-@pytest.fixture
-async def driver(db_path: Path) -> AsyncIterator[SQLiteDriver]:
-    instance = SQLiteDriver(path=db_path)
-    await instance.open()
-    try:
-        yield instance
-    finally:
-        await instance.close()
 
 
 @pytest.fixture
