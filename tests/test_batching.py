@@ -3,26 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from channels.exceptions import ChannelFull
 
 from channels_lite import ChannelLayer
+from channels_lite.drivers.base import Driver
 from channels_lite.drivers.sqlite import SQLiteDriver
 
 
 async def test_concurrent_sends_share_transactions(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, count_pushes: Callable[[type[Driver]], list[int]]
 ) -> None:
-    batches: list[int] = []
-    original = SQLiteDriver.push
-
-    async def counting_push(self: SQLiteDriver, envelopes, now):  # type: ignore[no-untyped-def]
-        batches.append(len(envelopes))
-        return await original(self, envelopes, now)
-
-    monkeypatch.setattr(SQLiteDriver, "push", counting_push)
+    batches = count_pushes(SQLiteDriver)
     layer = ChannelLayer(driver="sqlite", path=str(tmp_path / "db.sqlite3"), capacity=20)
     try:
         results = await asyncio.gather(

@@ -115,18 +115,11 @@ async def test_key_not_taken_for_empty_right_after_a_notification(hidden: set[st
 
 
 async def test_normal_channel_send_goes_straight_to_a_waiting_local_receiver(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, count_pushes: Callable[[type[Driver]], list[int]]
 ) -> None:
     """Storage holds nothing for the channel and a receiver of this process waits on it: the
     message is handed over without a storage round trip."""
-    pushes: list[int] = []
-    original = SQLiteDriver.push
-
-    async def counting_push(self: SQLiteDriver, envelopes, now):  # type: ignore[no-untyped-def]
-        pushes.append(len(envelopes))
-        return await original(self, envelopes, now)
-
-    monkeypatch.setattr(SQLiteDriver, "push", counting_push)
+    pushes = count_pushes(SQLiteDriver)
     layer = ChannelLayer(driver="sqlite", path=str(tmp_path / "db.sqlite3"))
     try:
         receiver = asyncio.ensure_future(layer.receive("jobs"))
@@ -143,7 +136,7 @@ async def test_normal_channel_send_goes_straight_to_a_waiting_local_receiver(
 
 @pytest.mark.parametrize("known_empty", [True, False], ids=["known-empty", "just-stored"])
 async def test_normal_channel_burst_reaches_local_receivers_that_come_back(
-    monkeypatch: pytest.MonkeyPatch, known_empty: bool
+    count_pushes: Callable[[type[Driver]], list[int]], known_empty: bool
 ) -> None:
     """A writer sending faster than one loop turn: each of its sends finds every receiver
     busy with the message before, yet they are back for more after one turn, so the burst
@@ -153,14 +146,7 @@ async def test_normal_channel_burst_reaches_local_receivers_that_come_back(
     it checked before the claim loop had run, every time)."""
     # The memory driver: a SQLite file can announce writes of this process's own worker
     # connection (upkeep), which rightly make the claim loop distrust "empty" for a moment.
-    pushes: list[int] = []
-    original = MemoryDriver.push
-
-    async def counting_push(self: MemoryDriver, envelopes, now):  # type: ignore[no-untyped-def]
-        pushes.append(len(envelopes))
-        return await original(self, envelopes, now)
-
-    monkeypatch.setattr(MemoryDriver, "push", counting_push)
+    pushes = count_pushes(MemoryDriver)
     layer = ChannelLayer(driver="memory")
     got: list[list[int]] = [[], [], []]
 
