@@ -180,6 +180,10 @@ async def _idle_child(out: Any, index: int, key: str, config: dict[str, Any], si
         await close_layer(key, layer)
 
 
+#: Longest wait after the soak for departed consumers' channels to close (consumer_grace is 5).
+SOAK_SETTLE = 10.0
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as fh:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -229,7 +233,18 @@ async def _soak_child(
                 await layer.group_discard(group, ch)
                 await layer.send(ch, {"type": "bench.late"})  # nobody will read it
             consumers += batch
+        # The last consumers' channels close when their grace runs out (consumer_grace, 5 s):
+        # after that nothing may be left of any consumer.
+        settle = time.monotonic()
+        local_state = getattr(layer, "local_state", None)
+        for _ in range(int(SOAK_SETTLE / 0.1)):
+            state = local_state() if local_state is not None else {}
+            if not (state.get("open_channels", 0) or state.get("buffered_channels", 0)):
+                break
+            await asyncio.sleep(0.1)
+        settled_in = time.monotonic() - settle
         last = _footprint(layer)
+        left = local_state() if local_state is not None else {}
         first = first or last
         out.put(
             (
@@ -241,6 +256,10 @@ async def _soak_child(
                     "objects_growth": last["objects"] - first["objects"],
                     "tasks_growth": last["tasks"] - first["tasks"],
                     "layer_state_growth": last["layer_state"] - first["layer_state"],
+                    "left_buffers": left.get("buffered_channels", 0),
+                    "left_open": left.get("open_channels", 0),
+                    "left_waiting": left.get("waiting_channels", 0),
+                    "settled_s": round(settled_in, 1),
                     "consumers": consumers,
                     "seconds": seconds,
                     "rss_curve": [*curve, (round(seconds), round(last["rss"] / 2**20, 1))],

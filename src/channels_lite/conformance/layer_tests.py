@@ -271,6 +271,8 @@ BAD_CONFIG: list[tuple[str, object]] = [
     ("purge_interval", "often"),
     ("process_timeout", -5),
     ("process_timeout", 0),
+    ("consumer_grace", -1),
+    ("consumer_grace", "5s"),
     ("clock", 5),
     ("clock", "time.time"),
     ("driver", 5),
@@ -891,6 +893,142 @@ class LayerTests(ConformanceFixtures):
         state = local_state()
         assert state["waiting_channels"] == 0, state
         assert state["buffered_channels"] == 0, state
+
+    async def _reopened_holds_nothing(
+        self, layer: ChannelLayer, channel: str, sender: ChannelLayer
+    ) -> None:
+        """A receive opens a closed channel anew, with nothing left from before. (A message
+        sent before that receive would be dropped like any other for a departed consumer.)"""
+        marker = {"type": "conformance.sentinel", "id": uuid.uuid4().hex}
+        task = asyncio.create_task(recv(layer, channel))
+
+        async def waiting() -> bool:
+            return bool(layer.local_state()["waiting_channels"]) or task.done()
+
+        await eventually(waiting, f"a receive waits on {channel!r}")
+        await sender.send(channel, marker)
+        got = await task
+        assert got == marker, f"expected nothing left on {channel!r}, got {got!r}"
+
+    async def _leave(self, layer: ChannelLayer, channel: str) -> None:
+        """What Channels does when a consumer stops: cancel its pending receive."""
+        task = asyncio.create_task(layer.receive(channel))
+        await asyncio.sleep(0)
+        task.cancel()
+        await asyncio.wait({task}, timeout=GUARD)
+        assert task.cancelled()
+
+    @pytest.mark.parametrize("via", VIAS)
+    @pytest.mark.asyncio
+    async def test_departed_consumer_leaves_nothing_behind(
+        self, make_layer: MakeLayer, via: str
+    ) -> None:
+        """SPEC 12: a consumer that left (its receive cancelled, none started again within
+        ``consumer_grace``) leaves no buffer: what was buffered for it and every later
+        message to its channel are dropped; the process's other channels carry on."""
+        clock = ManualClock()
+        layer = make_layer(clock=clock, consumer_grace=5, process_timeout=3600)
+        sender = layer if via == "same-process" else make_layer(clock=clock, process_timeout=3600)
+        gone, staying = await layer.new_channel(), await layer.new_channel()
+        await self._leave(layer, gone)
+        waiting = asyncio.create_task(layer.receive(staying))
+        await sender.send(gone, {"n": 1})  # within the grace: kept for a consumer coming back
+        await sender.send(staying, {"n": "a"})
+        assert await asyncio.wait_for(waiting, GUARD) == {"n": "a"}
+        assert layer.local_state()["buffered_channels"] == 1
+        clock.advance(5.01)
+        waiting = asyncio.create_task(layer.receive(staying))
+        await sender.send(gone, {"n": 2})  # after it: dropped, as is what was buffered
+        await sender.send(staying, {"n": "b"})
+        assert await asyncio.wait_for(waiting, GUARD) == {"n": "b"}
+        state = layer.local_state()
+        assert state["buffered_channels"] == 0, state
+        assert state["open_channels"] == 1, state
+        await self._reopened_holds_nothing(layer, gone, sender)
+        await assert_next_is_sentinel(layer, staying, sender)
+
+    @pytest.mark.parametrize("via", VIAS)
+    @pytest.mark.asyncio
+    async def test_consumer_back_within_grace_gets_everything(
+        self, make_layer: MakeLayer, via: str
+    ) -> None:
+        """SPEC 12: a receive cancelled and started again within ``consumer_grace`` (a
+        ``wait_for`` timeout, a reconnecting helper) loses nothing; each cancellation
+        starts the grace anew."""
+        clock = ManualClock()
+        layer = make_layer(clock=clock, consumer_grace=5, process_timeout=3600)
+        sender = layer if via == "same-process" else make_layer(clock=clock, process_timeout=3600)
+        channel = await layer.new_channel()
+        await self._leave(layer, channel)
+        await sender.send(channel, {"n": 0})
+        clock.advance(4.9)
+        assert await recv(layer, channel) == {"n": 0}
+        await self._leave(layer, channel)
+        await _send_all(sender, channel, [{"n": 1}, {"n": 2}])
+        clock.advance(4.9)  # 9.8 s after the first cancellation, 4.9 s after the last
+        assert await recv(layer, channel) == {"n": 1}
+        assert await recv(layer, channel) == {"n": 2}
+        await assert_next_is_sentinel(layer, channel, sender)
+
+    @pytest.mark.asyncio
+    async def test_departed_channel_closes_without_further_traffic(
+        self, make_layer: MakeLayer
+    ) -> None:
+        """SPEC 12: the grace period ends on a timer: a process that goes quiet after its
+        consumers left does not keep their buffers until the next purge."""
+        layer = make_layer(consumer_grace=0.05)
+        channel = await layer.new_channel()
+        await self._leave(layer, channel)
+        await layer.send(channel, {"type": "late"})
+        assert layer.local_state()["buffered_channels"] == 1
+
+        async def closed() -> bool:
+            return not layer.local_state()["open_channels"]
+
+        await eventually(closed, "the grace period's timer closes the channel")
+        state = layer.local_state()
+        assert state["open_channels"] == 0, state
+        assert state["buffered_channels"] == 0, state
+
+    @pytest.mark.asyncio
+    async def test_zero_grace_drops_at_cancellation(self, make_layer: MakeLayer) -> None:
+        """SPEC 12: ``consumer_grace=0`` closes a channel when its receive is cancelled, as
+        channels_redis drops its buffer; another channel waiting meanwhile is untouched."""
+        layer = make_layer(consumer_grace=0)
+        gone, staying = await layer.new_channel(), await layer.new_channel()
+        await self._leave(layer, gone)
+        await layer.send(gone, {"type": "late"})
+        await layer.send(staying, {"type": "kept"})
+        assert layer.local_state()["buffered_channels"] == 1
+        assert await recv(layer, staying) == {"type": "kept"}
+        await self._reopened_holds_nothing(layer, gone, layer)
+
+    @pytest.mark.asyncio
+    async def test_channel_never_received_on_closes_after_group_expiry(
+        self, make_layer: MakeLayer
+    ) -> None:
+        """SPEC 12: a channel with no receive for ``group_expiry`` (a consumer that stopped
+        from a channel message, leaving no cancellation; a name never used) is closed at a
+        sweep; one whose receive has been waiting all that time is not."""
+        clock = ManualClock()
+        layer = make_layer(
+            clock=clock, expiry=10**6, group_expiry=100, purge_interval=1, process_timeout=3600
+        )
+        unused, waited = await layer.new_channel(), await layer.new_channel()
+        await layer.send(unused, {"type": "never read"})
+        waiting = asyncio.create_task(layer.receive(waited))
+        await asyncio.sleep(0)
+        clock.advance(101)
+
+        async def swept() -> bool:
+            return layer.local_state()["open_channels"] <= 1
+
+        await eventually(swept, "a sweep closes the channel nobody received on")
+        assert layer.local_state()["open_channels"] == 1
+        assert layer.local_state()["buffered_channels"] == 0
+        await layer.send(waited, {"type": "still served"})
+        assert await asyncio.wait_for(waiting, GUARD) == {"type": "still served"}
+        await self._reopened_holds_nothing(layer, unused, layer)
 
     # ===================================================== no stalls (SPEC 13)
 

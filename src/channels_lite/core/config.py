@@ -31,6 +31,7 @@ class LayerConfig:
     poll_interval: float | None
     purge_interval: float
     process_timeout: float
+    consumer_grace: float
     clock: Callable[[], float] | None
 
 
@@ -47,6 +48,11 @@ CORE_KEYS: dict[str, tuple[object, str]] = {
     "poll_interval": (None, "longest idle safety-net poll in seconds; None picks per driver"),
     "purge_interval": (30.0, "seconds between purges of expired data"),
     "process_timeout": (30.0, "seconds without a heartbeat before a process counts as dead"),
+    "consumer_grace": (
+        5.0,
+        "seconds a process-specific channel waits for its consumer to receive again after a "
+        "cancelled receive; then its messages are dropped",
+    ),
     "clock": (None, "zero-argument callable returning epoch seconds (tests)"),
 }
 
@@ -164,6 +170,9 @@ def parse_config(config: Mapping[str, Any]) -> tuple[LayerConfig, dict[str, Any]
         poll_interval=poll,
         purge_interval=_number("purge_interval", core["purge_interval"], minimum=0.0),
         process_timeout=process_timeout,
+        consumer_grace=_number(
+            "consumer_grace", core["consumer_grace"], minimum=0.0, allow_zero=True
+        ),
         clock=clock,
     )
     if isinstance(driver_options.get("path"), os.PathLike):

@@ -4,6 +4,14 @@ Shared by every event loop that uses one layer, hence a ``threading.Lock`` (held
 dictionary work, never across an await). A message handed to a receiver on another loop travels
 with ``call_soon_threadsafe``; if that receiver was cancelled in between, the message goes back
 to the front of its channel's buffer, so nothing taken from storage is lost or reordered.
+
+A process-specific channel is *open* from ``new_channel()`` (or its first receive) until its
+consumer leaves: its last receive is cancelled (how Channels stops a consumer) and no other
+starts within the grace period. Then its buffer is dropped, and so is every message that
+reaches it later: nobody here can read them, and keeping them until they expire is what made a
+process's memory follow its consumer churn. Channels that a receive returned from but that
+never receive again are closed after ``idle_limit`` (group_expiry): a consumer that stopped
+from a channel message leaves no cancellation behind.
 """
 
 from __future__ import annotations
@@ -33,7 +41,13 @@ class Inbox:
     its consumer reads again. One full channel therefore never stops the others' claims.
     """
 
-    def __init__(self, bound: Callable[[str], int], orphan: Callable[[Claimed], None]) -> None:
+    def __init__(
+        self,
+        bound: Callable[[str], int],
+        orphan: Callable[[Claimed], None],
+        grace: float,
+        idle_limit: float,
+    ) -> None:
         self._bound = bound
         # Called (under the lock, on an event loop thread) with a normal-channel message whose
         # receiver was cancelled and that no other receiver here waits for: it must go back to
@@ -44,7 +58,15 @@ class Inbox:
         self._waiters: dict[str, deque[Waiter]] = {}
         self._waiting_per_key: dict[str, int] = {}
         self._full: dict[str, set[str]] = {}
+        self._grace = grace
+        self._idle_limit = idle_limit
+        # Open process-specific channels -> when a receive last started or was cancelled.
+        self._open: dict[str, float] = {}
+        # Channels whose last receive was cancelled -> when they close. Insertion order is
+        # deadline order (one grace for all; a channel that re-enters moves to the end).
+        self._closing: dict[str, float] = {}
         self.dropped_expired = 0
+        self.dropped_departed = 0
 
     # -- receivers ------------------------------------------------------------------------
 
@@ -57,6 +79,9 @@ class Inbox:
         normal channel gained one more (it claims one per waiter), or a full channel got room.
         """
         with self._lock:
+            if key.endswith("!"):
+                self._open[channel] = now
+                self._closing.pop(channel, None)
             buffer = self._buffers.get(channel)
             room = False
             while buffer:
@@ -82,18 +107,75 @@ class Inbox:
             return True
         return False
 
-    def abandon(self, waiter: Waiter) -> None:
-        """The receiver was cancelled: forget it, keeping a message it already got."""
+    def abandon(self, waiter: Waiter, now: float) -> bool:
+        """The receiver was cancelled: forget it, keeping a message it already got.
+
+        ``True`` when channels are closing: the caller arranges for :meth:`close_due` to run
+        once the grace period is over."""
         with self._lock:
             future = waiter.future
             if future.done() and not future.cancelled():
                 self._push_front(future.result())
+            else:
+                future.cancel()
+                waiters = self._waiters.get(waiter.channel)
+                if waiters is not None and waiter in waiters:
+                    waiters.remove(waiter)
+                    self._forget_waiter(waiter, waiters)
+            return self._depart(waiter.channel, now)
+
+    def depart(self, channel: str, now: float) -> bool:
+        """A receive on ``channel`` was cancelled before it waited: as :meth:`abandon`."""
+        with self._lock:
+            return self._depart(channel, now)
+
+    def _depart(self, channel: str, now: float) -> bool:
+        if channel not in self._open or channel in self._waiters:
+            return False  # not process-specific, closed already, or another receive waits
+        self._open[channel] = now
+        self._closing.pop(channel, None)
+        self._closing[channel] = now + self._grace
+        self._close_due(now)
+        return bool(self._closing)
+
+    def open(self, channel: str, now: float) -> None:
+        """``channel`` was just made by ``new_channel()``: its messages are kept for it."""
+        with self._lock:
+            self._open[channel] = now
+
+    def close_due(self, now: float) -> float | None:
+        """Close the channels whose grace period is over; when the next one is due."""
+        with self._lock:
+            self._close_due(now)
+            return next(iter(self._closing.values()), None)
+
+    def _close_due(self, now: float) -> None:
+        closing = self._closing
+        while closing:
+            channel, deadline = next(iter(closing.items()))
+            if deadline > now:
                 return
-            future.cancel()
-            waiters = self._waiters.get(waiter.channel)
-            if waiters is not None and waiter in waiters:
-                waiters.remove(waiter)
-                self._forget_waiter(waiter, waiters)
+            del closing[channel]
+            self._close(channel)
+
+    def _close(self, channel: str) -> None:
+        # Only called for channels with no waiter: take_or_wait takes them off _closing.
+        self._open.pop(channel, None)
+        buffer = self._buffers.pop(channel, None)
+        if buffer:
+            self.dropped_departed += len(buffer)
+            full = self._full.get(buffer[0].key)
+            if full is not None:
+                full.discard(channel)
+                if not full:
+                    del self._full[buffer[0].key]
+
+    def _keeps(self, message: Claimed) -> bool:
+        # A process-specific message without a waiter is kept only for an open channel.
+        if message.channel in self._open:
+            return True
+        self.dropped_departed += 1
+        return False
 
     def _forget_waiter(self, waiter: Waiter, waiters: deque[Waiter]) -> None:
         if not waiters:
@@ -133,6 +215,8 @@ class Inbox:
     def deliver(self, messages: list[Claimed], now: float, loop: asyncio.AbstractEventLoop) -> None:
         """Hand claimed messages to waiters (oldest waiter first) or buffer them."""
         with self._lock:
+            if self._closing:
+                self._close_due(now)
             for message in messages:
                 if message.expires_at <= now:
                     self.dropped_expired += 1
@@ -140,17 +224,25 @@ class Inbox:
                 if self._hand_to_waiter(message, loop):
                     continue
                 if message.key.endswith("!"):
-                    self._append(message)
+                    if self._keeps(message):
+                        self._append(message)
                 else:
                     # Its receiver left between the claim and now (a normal channel is claimed
                     # one message per waiter): back to storage, for any process to take.
                     self._orphan(message)
 
-    def offer_local(self, message: Claimed, capacity: int, loop: asyncio.AbstractEventLoop) -> bool:
+    def offer_local(
+        self, message: Claimed, capacity: int, now: float, loop: asyncio.AbstractEventLoop
+    ) -> bool:
         """Deliver a message sent by this process to one of its own channels, bypassing
-        storage. ``False`` when the channel's buffer already holds ``capacity`` messages."""
+        storage (or drop it, its consumer gone). ``False`` when the channel's buffer already
+        holds ``capacity`` messages."""
         with self._lock:
             if self._hand_to_waiter(message, loop):
+                return True
+            if self._closing:
+                self._close_due(now)
+            if not self._keeps(message):
                 return True
             buffer = self._buffers.get(message.channel)
             if buffer is not None and len(buffer) >= capacity:
@@ -209,6 +301,8 @@ class Inbox:
         if not message.key.endswith("!"):
             self._orphan(message)
             return
+        if not self._keeps(message):
+            return
         buffer = self._buffers.setdefault(message.channel, deque())
         buffer.appendleft(message)
         if len(buffer) >= self._bound(message.channel):
@@ -217,9 +311,19 @@ class Inbox:
     # -- housekeeping ---------------------------------------------------------------------
 
     def sweep(self, now: float) -> int:
-        """Drop expired buffered messages, and so the buffers of channels nobody reads."""
+        """Drop expired buffered messages, and so the buffers of channels nobody reads; close
+        channels whose grace is over or that nobody received on for ``idle_limit``."""
         dropped = 0
         with self._lock:
+            self._close_due(now)
+            opened = self._open
+            for channel in self._waiters:
+                if channel in opened:
+                    opened[channel] = now  # waiting is activity, however long it lasts
+            idle_since = now - self._idle_limit
+            for channel in [c for c, t in opened.items() if t < idle_since]:
+                self._closing.pop(channel, None)
+                self._close(channel)
             for channel in list(self._buffers):
                 buffer = self._buffers[channel]
                 kept = deque(m for m in buffer if m.expires_at > now)
@@ -245,7 +349,8 @@ class Inbox:
         with self._lock:
             return sum(len(b) for b in self._buffers.values())
 
-    def sizes(self) -> tuple[int, int]:
-        """(channels with a buffer, channels with a waiter): for leak checks."""
+    def sizes(self) -> tuple[int, int, int]:
+        """(channels with a buffer, channels with a waiter, open process-specific channels):
+        for leak checks."""
         with self._lock:
-            return len(self._buffers), len(self._waiters)
+            return len(self._buffers), len(self._waiters), len(self._open)

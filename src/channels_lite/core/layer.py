@@ -96,7 +96,14 @@ class ChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         self.client_id = naming.new_client_id()
         self._process_key = f"{self.client_id}!"
         self._made_channels = False
-        self._inbox = Inbox(settings.capacity.for_channel, self._orphan)
+        self._inbox = Inbox(
+            settings.capacity.for_channel,
+            self._orphan,
+            grace=settings.consumer_grace,
+            idle_limit=settings.group_expiry,
+        )
+        # The loop whose timer closes channels once their grace is over (one at a time).
+        self._closing_on: asyncio.AbstractEventLoop | None = None
         # Requeues of orphaned messages and claim-loop revivals, awaited on close.
         self._background: set[asyncio.Task[None]] = set()
         self._watched_loops: set[asyncio.AbstractEventLoop] = set()
@@ -322,7 +329,8 @@ class ChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         # messages keep their order because all of them take this path.
         capacity = self.settings.capacity.for_channel(channel)
         message = Claimed(channel, self._process_key, payload, self._clock() + self.settings.expiry)
-        if not self._inbox.offer_local(message, capacity, asyncio.get_running_loop()):
+        loop = asyncio.get_running_loop()
+        if not self._inbox.offer_local(message, capacity, self._clock(), loop):
             raise ChannelFull(f"channel {channel!r} is at capacity ({capacity})")
 
     def _hand_to_local_receiver(self, channel: str, payload: bytes) -> bool:
@@ -343,7 +351,12 @@ class ChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         naming.check_channel(channel)
         key = naming.routing_key(channel)
         loop = asyncio.get_running_loop()
-        driver = await self._driver()
+        try:
+            driver = await self._driver()
+        except asyncio.CancelledError:
+            if self._inbox.depart(channel, self._clock()):
+                self._arm_closing(loop, self.settings.consumer_grace)
+            raise
         while True:
             got, wake = self._inbox.take_or_wait(channel, key, self._clock(), loop)
             claimer = self._claimer
@@ -360,7 +373,8 @@ class ChannelLayer(BaseChannelLayer):  # type: ignore[misc]
                 try:
                     claimed = await got.future
                 except asyncio.CancelledError:
-                    self._inbox.abandon(got)
+                    if self._inbox.abandon(got, self._clock()):
+                        self._arm_closing(loop, self.settings.consumer_grace)
                     raise
             try:
                 return self._codec.decode(claimed.payload)
@@ -373,10 +387,27 @@ class ChannelLayer(BaseChannelLayer):  # type: ignore[misc]
                     exc,
                 )
 
+    def _arm_closing(self, loop: asyncio.AbstractEventLoop, delay: float) -> None:
+        """Close departed consumers' channels on time, not only at the next sweep: their
+        buffers are what a process with consumer churn would otherwise accumulate."""
+        armed = self._closing_on
+        if armed is not None and not armed.is_closed():
+            return
+        self._closing_on = loop
+        loop.call_later(delay, self._close_departed, loop)
+
+    def _close_departed(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._closing_on = None
+        due = self._inbox.close_due(self._clock())
+        if due is not None:
+            # At least a millisecond: an injected clock that does not move must not spin.
+            self._arm_closing(loop, max(due - self._clock(), 0.001))
+
     async def new_channel(self, prefix: str = "specific") -> str:
         """A new process-specific channel name, ``<prefix>.<client>!<unique>``."""
         naming.check_prefix(prefix)
         name = naming.new_channel_name(prefix, self.client_id)
+        self._inbox.open(name, self._clock())
         if not self._made_channels:
             self._made_channels = True
             upkeep = self._upkeep
@@ -425,7 +456,9 @@ class ChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         # Own members only once storage took the others: a storage error then delivers to no
         # member at all, rather than to some.
         loop = asyncio.get_running_loop()
-        local_full = sum(not self._inbox.offer_local(m, capacity(m.channel), loop) for m in local)
+        local_full = sum(
+            not self._inbox.offer_local(m, capacity(m.channel), now, loop) for m in local
+        )
         skipped = len(envelopes) - stored + local_full
         if skipped:
             self._log.info(
@@ -477,9 +510,10 @@ class ChannelLayer(BaseChannelLayer):  # type: ignore[misc]
 
     def local_state(self) -> dict[str, int]:
         """Sizes of in-process structures, to check nothing leaks per channel."""
-        buffers, waiters = self._inbox.sizes()
+        buffers, waiters, opened = self._inbox.sizes()
         return {
             "buffered_channels": buffers,
             "waiting_channels": waiters,
+            "open_channels": opened,
             "loops": len(self._drivers.states()),
         }
