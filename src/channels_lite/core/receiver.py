@@ -83,6 +83,11 @@ class ClaimLoop:
         self._rechecks = _RECHECKS
         self._distrust_until = self.loop.time() + _RECHECK_WINDOW
         self.clean.clear()
+        if self.parked:
+            # Nobody waits, so there is nothing to claim; the next receiver wakes us itself
+            # (a parked loop is always woken by receive()). Waking here would only cost a
+            # round of the loop per commit of every other process.
+            return
         _trace.debug("wake", "woken by a storage change notification")
         self.wakeup.set()
 
