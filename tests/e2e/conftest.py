@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -156,3 +156,21 @@ def chat_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChatServer
         leftovers = server.stop()
     assert not leftovers, f"processes left after stopping the server: {leftovers}"
     assert (base / "data" / "channels-lite.sqlite3").exists(), "the layer used another file"
+
+
+#: Lines of the server's log attached to a failed test's report.
+LOG_TAIL = 200
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """A failed test shows the end of the server's log: what the workers said (a consumer's
+    traceback, a layer warning) is what explains a lost or late message."""
+    report: pytest.TestReport = yield
+    server = getattr(item, "funcargs", {}).get("chat_server")
+    if report.when == "call" and report.failed and isinstance(server, ChatServer):
+        tail = "\n".join(server.log().splitlines()[-LOG_TAIL:])
+        report.sections.append((f"chat server log, last {LOG_TAIL} lines", tail))
+    return report
