@@ -469,6 +469,11 @@ class ChannelLayer(BaseChannelLayer):  # type: ignore[misc]
                 len(members),
             )
         self._wake_for({env.key for env in envelopes})
+        if local:
+            # Let the receivers just handed a message run: a burst of group_sends that never
+            # suspends (members read inline, all of them local) would otherwise deliver
+            # nothing until the whole burst is over.
+            await asyncio.sleep(0)
 
     async def flush(self) -> None:
         """Empty every message and group in storage, and the buffers of every layer of this
