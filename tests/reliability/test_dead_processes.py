@@ -117,6 +117,42 @@ async def test_killed_process_removed_within_bound_live_idle_process_kept(
     assert not [line for line in report["log"] if "lease" in line], report["log"]
 
 
+def _write_lock_free(db: str) -> bool:
+    """Nobody holds ``db``'s write lock right now (a write transaction can start at once)."""
+    conn = sqlite3.connect(db, timeout=0, isolation_level=None)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("ROLLBACK")
+        return True
+    except sqlite3.OperationalError:
+        return False
+    finally:
+        conn.close()
+
+
+def _stopped(pid: int) -> bool:
+    with open(f"/proc/{pid}/stat") as fh:
+        return fh.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
+
+
+def stop_outside_a_write(pid: int, db: str) -> None:
+    """SIGSTOP ``pid`` at a moment it holds no write lock. A process stopped inside its own
+    write transaction (a lease renewal lasts about a millisecond, longer on a loaded machine)
+    blocks every writer until it resumes: that case is
+    ``test_long_stall_does_not_reap_live_processes``'s, not this test's."""
+    for _ in range(100):
+        os.kill(pid, signal.SIGSTOP)
+        deadline = time.monotonic() + 2.0
+        while not _stopped(pid):
+            assert time.monotonic() < deadline, "SIGSTOP did not stop the process"
+            time.sleep(0.001)
+        if _write_lock_free(db):
+            return
+        os.kill(pid, signal.SIGCONT)
+        time.sleep(0.01)
+    raise AssertionError("the process held the write lock at every one of 100 tries")
+
+
 async def test_suspended_process_is_reaped_and_says_so(
     children: Children, survivor: ChannelLayer, db: str
 ) -> None:
@@ -125,7 +161,7 @@ async def test_suspended_process_is_reaped_and_says_so(
     removed and its consumers must join again; joining again works."""
     children.start("sleeper", workers.group_member, db, GROUPS[:1], TIMEOUT, 1)
     sleeper = await expect(children, "members", "sleeper")
-    os.kill(sleeper["pid"], signal.SIGSTOP)
+    await asyncio.to_thread(stop_outside_a_write, sleeper["pid"], db)
     try:
         stopped_at = time.monotonic()
         while sleeper["channels"][0] in await members(survivor, GROUPS[0]):
