@@ -28,6 +28,17 @@ def fds() -> set[str]:
     return set(os.listdir("/proc/self/fd"))
 
 
+def described(numbers: set[str]) -> dict[str, str]:
+    """What each descriptor points at (a file, socket:[...], anon_inode:[eventpoll]...)."""
+    out = {}
+    for number in sorted(numbers, key=int):
+        try:
+            out[number] = os.readlink(f"/proc/self/fd/{number}")
+        except OSError:
+            out[number] = "(closed meanwhile)"
+    return out
+
+
 def threads() -> set[threading.Thread]:
     return set(threading.enumerate())
 
@@ -59,7 +70,9 @@ def assert_back_to(baseline: tuple[set[threading.Thread], set[str]], what: str) 
     assert settles(lambda: threads() <= before_threads), (
         f"threads left {what}: {sorted(t.name for t in threads() - before_threads)}"
     )
-    assert settles(lambda: fds() <= before_fds), f"descriptors left {what}: {fds() - before_fds}"
+    assert settles(lambda: fds() <= before_fds), (
+        f"descriptors left {what}: {described(fds() - before_fds)}"
+    )
 
 
 @linux_only
