@@ -13,6 +13,7 @@ import pytest
 import pytest_asyncio
 from asgiref.sync import async_to_sync
 
+from channels_lite.core import config
 from channels_lite.drivers.base import (
     Claimed,
     ClaimRequest,
@@ -47,22 +48,7 @@ GUARD = 10.0
 ABSENT = 0.1
 
 #: CONFIG keys the core owns; the driver tier strips them from ``driver_options``.
-CORE_KEYS = frozenset(
-    {
-        "driver",
-        "expiry",
-        "group_expiry",
-        "capacity",
-        "channel_capacity",
-        "serializer_format",
-        "symmetric_encryption_keys",
-        "max_message_size",
-        "poll_interval",
-        "purge_interval",
-        "process_timeout",
-        "clock",
-    }
-)
+CORE_KEYS = frozenset(config.CORE_KEYS)
 
 
 def envelope(
