@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from channels_lite.conformance._support import opened
 from channels_lite.drivers.sqlite import SQLiteDriver
 
 
@@ -17,20 +18,12 @@ def db_path(tmp_path: Path) -> Path:
 
 @pytest.fixture
 async def driver(db_path: Path) -> AsyncIterator[SQLiteDriver]:
-    instance = SQLiteDriver(path=db_path, timeout=5.0)
-    await instance.open()
-    try:
+    async with opened(SQLiteDriver(path=db_path, timeout=5.0)) as instance:
         yield instance
-    finally:
-        await instance.close()
 
 
 @pytest.fixture
 async def sibling(driver: SQLiteDriver) -> AsyncIterator[SQLiteDriver]:
     """Another instance on the same file, as another process would have."""
-    instance = driver.sibling()
-    await instance.open()
-    try:
+    async with opened(driver.sibling()) as instance:
         yield instance
-    finally:
-        await instance.close()

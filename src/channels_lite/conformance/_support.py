@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sys
 import threading
@@ -32,11 +33,13 @@ __all__ = [
     "claim",
     "drain",
     "envelope",
+    "opened",
     "run_in_new_loop",
 ]
 
 P = ParamSpec("P")
 T = TypeVar("T")
+D = TypeVar("D", bound=Driver)
 
 #: A fixed "now" for driver-level tests: drivers never read a clock, so any value works.
 NOW = 1_700_000_000.0
@@ -49,6 +52,16 @@ ABSENT = 0.1
 
 #: CONFIG keys the core owns; the driver tier strips them from ``driver_options``.
 CORE_KEYS = frozenset(config.CORE_KEYS)
+
+
+@contextlib.asynccontextmanager
+async def opened(instance: D) -> AsyncIterator[D]:
+    """``instance`` opened for the block, closed after it (fixtures yield from this)."""
+    await instance.open()
+    try:
+        yield instance
+    finally:
+        await instance.close()
 
 
 def envelope(
@@ -284,22 +297,14 @@ class ConformanceFixtures:
         self, driver_class: type[Driver], driver_kwargs: dict[str, Any]
     ) -> AsyncIterator[Driver]:
         """An opened driver instance, closed after the test."""
-        instance = driver_class(**driver_kwargs)
-        await instance.open()
-        try:
+        async with opened(driver_class(**driver_kwargs)) as instance:
             yield instance
-        finally:
-            await instance.close()
 
     @pytest_asyncio.fixture(loop_scope="function")
     async def sibling(self, driver: Driver) -> AsyncIterator[Driver]:
         """A second opened instance on the same storage (``driver.sibling()``)."""
-        instance = driver.sibling()
-        await instance.open()
-        try:
+        async with opened(driver.sibling()) as instance:
             yield instance
-        finally:
-            await instance.close()
 
     @pytest_asyncio.fixture(loop_scope="function")
     async def make_layer(self, driver_options: dict[str, Any]) -> AsyncIterator[Callable[..., Any]]:
