@@ -19,9 +19,10 @@ under a lock needs no bookkeeping at all; the lock lasts one round trip.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import psycopg
@@ -235,27 +236,13 @@ GROUP BY group_name ORDER BY n DESC, group_name LIMIT %(top)s
         # A channel's capacity changes inside the batch (rare): one statement per run, all in
         # one implicit transaction (one pipeline, one Sync), later runs seeing earlier ones.
         cursors = [conn.cursor() for _ in runs]
-        try:
+        with _push_outcome(conn, cursors):
             if len(runs) == 1:
                 await cursors[0].execute(self.push, self._push_params(runs[0], now, token))
             else:
                 async with conn.pipeline():
                     for cursor, run in zip(cursors, runs, strict=True):
                         await cursor.execute(self.push, self._push_params(run, now, token))
-        except psycopg.OperationalError as exc:
-            # No result came back (psycopg keeps a result only once the statement ended):
-            # see errors.NotApplied for why the push can then run again.
-            if cursors[0].pgresult is None and (conn.broken or conn.closed):
-                raise NotApplied(str(exc)) from exc
-            raise
-        except asyncio.CancelledError:
-            # As in run_claim: psycopg asked the server to cancel and waited for the outcome.
-            # Every statement of the transaction has its rows only if it committed; then the
-            # messages are stored and the caller must hear so (CancelledError would mean
-            # "nothing stored" and a retry would store them twice).
-            if not all(_completed(cursor) for cursor in cursors):
-                raise
-            logger.debug("a push completed as it was cancelled; returning its flags")
         flags: list[bool] = []
         for cursor, run in zip(cursors, runs, strict=True):
             flags.extend(_flags(await cursor.fetchall(), len(run)))
@@ -275,20 +262,10 @@ GROUP BY group_name ORDER BY n DESC, group_name LIMIT %(top)s
             "token": token,
         }
         lock, insert = conn.cursor(), conn.cursor()
-        try:
+        with _push_outcome(conn, [lock, insert]):
             async with conn.pipeline():
                 await lock.execute(self.push_one_lock, params)
                 await insert.execute(self.push_one, params)
-        except psycopg.OperationalError as exc:
-            # As in run_push: nothing came back and the connection is gone.
-            if lock.pgresult is None and (conn.broken or conn.closed):
-                raise NotApplied(str(exc)) from exc
-            raise
-        except asyncio.CancelledError:
-            # As in run_push: both statements ended only if the transaction committed.
-            if not (_completed(lock) and _completed(insert)):
-                raise
-            logger.debug("a push completed as it was cancelled; returning its flag")
         return [len(await insert.fetchall()) == 1]
 
     def _push_params(self, run: Sequence[Envelope], now: float, token: str) -> dict[str, Any]:
@@ -424,6 +401,30 @@ GROUP BY group_name ORDER BY n DESC, group_name LIMIT %(top)s
                 "notification_queue_usage": float(queue),
             },
         )
+
+
+@contextlib.contextmanager
+def _push_outcome(conn: Conn, cursors: Sequence[psycopg.AsyncCursor[Any]]) -> Iterator[None]:
+    """Around a push's statements (one implicit transaction): say what an interruption left.
+
+    - The connection broke before any result came back (psycopg keeps a result only once the
+      statement ended): :class:`NotApplied`, so the pool may run the push again.
+    - Cancelled: psycopg asked the server to cancel and waited for the outcome (as in
+      run_claim). Every statement has its rows only if the transaction committed; then the
+      messages are stored and the caller must hear so (CancelledError would mean "nothing
+      stored" and a retry would store them twice): the cancellation is absorbed, and the
+      caller re-raises it once the flags are read.
+    """
+    try:
+        yield
+    except psycopg.OperationalError as exc:
+        if cursors[0].pgresult is None and (conn.broken or conn.closed):
+            raise NotApplied(str(exc)) from exc
+        raise
+    except asyncio.CancelledError:
+        if not all(_completed(cursor) for cursor in cursors):
+            raise
+        logger.debug("a push completed as it was cancelled; returning its flags")
 
 
 def _completed(cursor: psycopg.AsyncCursor[Any]) -> bool:
