@@ -328,9 +328,10 @@ class ChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         # capacity bounds the channel's buffer, expiry is checked on receive, and one writer's
         # messages keep their order because all of them take this path.
         capacity = self.settings.capacity.for_channel(channel)
-        message = Claimed(channel, self._process_key, payload, self._clock() + self.settings.expiry)
+        now = self._clock()
+        message = Claimed(channel, self._process_key, payload, now + self.settings.expiry)
         loop = asyncio.get_running_loop()
-        if not self._inbox.offer_local(message, capacity, self._clock(), loop):
+        if not self._inbox.offer_local(message, capacity, now, loop):
             raise ChannelFull(f"channel {channel!r} is at capacity ({capacity})")
 
     def _hand_to_local_receiver(self, channel: str, payload: bytes) -> bool:
