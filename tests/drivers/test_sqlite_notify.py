@@ -232,6 +232,29 @@ async def test_visible_changes_waits_for_a_commit_to_become_visible() -> None:
     assert (visible.passed, visible.suppressed) == (1, 0)
 
 
+async def test_visible_changes_looks_soon_at_a_new_event_behind_a_late_look() -> None:
+    """An event that comes while the looks of an earlier one have grown far apart gets its
+    own first look within the first interval, not at the earlier event's next, late look."""
+    loop = asyncio.get_running_loop()
+    reads: list[int] = []
+
+    def read() -> int:
+        reads.append(1)
+        return 3
+
+    visible = notify.VisibleChanges(loop, read, lambda: None)
+    visible()  # unchanged: looks at 1, 2, 4, ... ms
+    await _until(lambda: len(reads) >= 4)  # construction, the event, two looks
+    timer = visible._timer
+    assert timer is not None
+    assert timer.when() - loop.time() > notify._LOOK_AGAIN[0], "the next look is a late one"
+    visible()  # another process's commit, not yet visible
+    timer = visible._timer
+    assert timer is not None
+    assert timer.when() - loop.time() <= notify._LOOK_AGAIN[0]
+    visible.stop()
+
+
 async def test_visible_changes_gives_up_on_own_writes_and_passes_unknowns() -> None:
     loop = asyncio.get_running_loop()
     calls: list[int] = []

@@ -182,8 +182,16 @@ class VisibleChanges:
     def __call__(self) -> None:
         if self._passed_on():
             return
-        self._left = _LOOK_AGAIN  # (re)start the looks of an event still unexplained
-        if self._timer is None:
+        # (Re)start the looks for this event. A look still pending from an earlier event can
+        # be far off (its sequence had grown to 4, 8, ... ms): a commit by another process
+        # whose event came just before its visibility would wait for it. Measured at 200
+        # msg/s across processes: 1% of deliveries took 3.5-4.5 ms that way (p99 3.35 ms).
+        timer = self._timer
+        if timer is not None and timer.when() > self._loop.time() + _LOOK_AGAIN[0]:
+            timer.cancel()
+            timer = self._timer = None
+        self._left = _LOOK_AGAIN
+        if timer is None:
             self._look_later()
 
     def _passed_on(self) -> bool:
