@@ -422,12 +422,27 @@ async def test_claim_cancelled_mid_transaction_returns_what_it_took(
     blocker = sqlite3.connect(db_path, isolation_level=None)
     blocker.execute("BEGIN IMMEDIATE")
     loop = asyncio.get_running_loop()
+    conn = driver._conn
+    assert conn is not None
+    in_worker = threading.Event()
+    await conn.run(  # the worker's connection belongs to the worker thread
+        lambda raw: raw.set_trace_callback(
+            lambda sql: in_worker.set() if sql == "BEGIN IMMEDIATE" else None
+        ),
+        doing="tracing",
+    )
     task = asyncio.create_task(driver.claim([ClaimRequest("c", 5)], NOW))
-    # The claim is inside its transaction, waiting for the lock, when the cancel arrives; the
-    # lock then frees and the claim completes: its messages must come back, not vanish.
-    loop.call_later(0.01, task.cancel)
-    loop.call_later(0.02, blocker.execute, "COMMIT")
     try:
+        # Inline tries give up on the lock after INLINE_BUSY_WINDOW; then the worker thread
+        # runs the claim, waiting for the lock inside its transaction. The cancel arrives
+        # there; the lock then frees and the claim completes: its messages must come back,
+        # not vanish.
+        async with asyncio.timeout(10):
+            while not in_worker.is_set():
+                await asyncio.sleep(0.001)
+        assert conn.inline_fallbacks == 1
+        task.cancel()
+        loop.call_later(0.01, blocker.execute, "COMMIT")
         got = await task
     finally:
         blocker.close()
