@@ -11,8 +11,10 @@ makes Channels drop its cached layer, so every test gets a fresh layer on its ow
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import importlib.util
+import json
 import os
 import stat
 import sys
@@ -221,3 +223,72 @@ async def test_default_database_file_location_and_mode(layer: ChannelLayer, tmp_
                 assert stat.S_IMODE(companion.stat().st_mode) == 0o600, companion
     finally:
         await communicator.disconnect()
+
+
+def _example_chat() -> tuple[Any, Any]:
+    """The example chat's consumer class and room-to-group function (examples/chat is a
+    project directory, not an installed package)."""
+    root = str(Path(__file__).resolve().parent.parent / "examples" / "chat")
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    consumers = importlib.import_module("chat.consumers")
+    rooms = importlib.import_module("chat.rooms")
+    return consumers.ChatConsumer, rooms.group_name
+
+
+async def test_chat_consumer_says_leave_after_a_send_to_its_closing_socket(
+    layer: ChannelLayer,
+) -> None:
+    """The example chat's consumer: an event that reaches a socket already closing (the
+    server's send raises an OSError, as uvicorn's ClientDisconnected does) must not end the
+    consumer before disconnect() runs; the room still hears that it left. (Found by the
+    end-to-end test, where such a consumer vanished without a leave.)"""
+    consumer, group_name = _example_chat()
+    group = group_name("lobby")
+    watcher = await layer.new_channel()
+    await layer.group_add(group, watcher)
+    incoming: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    outgoing: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    closing = False
+
+    async def send(message: dict[str, Any]) -> None:
+        if closing and message["type"] == "websocket.send":
+            raise OSError("the client disconnected")
+        await outgoing.put(message)
+
+    scope = {
+        "type": "websocket",
+        "path": "/ws/chat/lobby/",
+        "query_string": b"name=ann",
+        "headers": [],
+        "url_route": {"args": (), "kwargs": {"room": "lobby"}},
+    }
+    app = asyncio.ensure_future(consumer.as_asgi()(scope, incoming.get, send))
+
+    async def next_on_watcher(kind: str) -> dict[str, Any]:
+        while True:
+            message = await layer.receive(watcher)
+            if message["type"] == kind:
+                return message
+
+    try:
+        async with asyncio.timeout(GUARD):
+            await incoming.put({"type": "websocket.connect"})
+            assert (await outgoing.get())["type"] == "websocket.accept"
+            me = json.loads((await outgoing.get())["text"])["you"]
+            await next_on_watcher("presence.join")  # its own arrival
+            closing = True
+            other = {"id": "other", "name": "bob", "pid": 0}
+            await layer.group_send(
+                group, {"type": "presence.join", "member": other, "reply_to": watcher}
+            )
+            # Its send of "join" to the socket failed; it went on and answered anyway.
+            here = await next_on_watcher("presence.here")
+            assert here["member"] == me
+            await incoming.put({"type": "websocket.disconnect", "code": 1001})
+            left = await next_on_watcher("presence.leave")
+            assert left["member"] == me
+            await app  # ended cleanly, not with the OSError
+    finally:
+        app.cancel()
+        await asyncio.gather(app, return_exceptions=True)

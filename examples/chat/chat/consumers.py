@@ -92,4 +92,12 @@ class ChatConsumer(AsyncWebsocketConsumer):
         await self.send_event("leave", member=event["member"])
 
     async def send_event(self, kind: str, **fields: Any) -> None:
-        await self.send(text_data=json.dumps({"type": kind, **fields}))
+        try:
+            await self.send(text_data=json.dumps({"type": kind, **fields}))
+        except OSError as exc:
+            # The browser is going away while an event for it was on its way. ASGI servers
+            # raise an OSError for a send to a closed socket (uvicorn: ClientDisconnected);
+            # left to propagate, it ends this consumer without disconnect() ever running,
+            # so the room would never hear it left and its membership would linger until
+            # group_expiry. The websocket.disconnect that follows runs disconnect() instead.
+            logger.debug("dropped a %r event for a closing socket: %s", kind, exc)
