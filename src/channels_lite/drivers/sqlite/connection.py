@@ -65,8 +65,9 @@ _CHECKPOINT_SQL = {
 #: 1 ms). Each try first gives up the CPU (sched_yield), then lets the loop turn once: with
 #: more busy processes than cores the lock holder is often the one preempted, and trying
 #: again at once only kept it off the CPU. Measured, 3 processes draining one normal channel
-#: on 2 cores: 8 plain loop turns 2.4-2.7k msgs/s, 8 yielding turns 4.0k, yielding for up
-#: to 10 ms 5.4-5.6k (5 ms 5.0-5.8k, 20 ms no better).
+#: on 2 cores (a probe script, single runs): 8 plain loop turns 2.4-2.7k msgs/s, 8 yielding
+#: turns 4.0k, yielding for up to 10 ms 4.4-5.6k (2 ms 4.2-4.5k, 5 ms 5.0-5.8k, 20 ms 5.0-5.5k); the
+#: bench's drain scenario went from 2.9k to 4.6-4.8k (medians).
 INLINE_BUSY_WINDOW = 0.010
 #: Absent on some platforms (Windows): the loop turn alone then.
 _yield_cpu: Callable[[], None] = getattr(os, "sched_yield", lambda: None)
@@ -605,8 +606,8 @@ class Connection:
         lock, or anything else fails, the worker runs ``fn`` as above. Only for short ``fn``:
         it blocks the event loop while it runs. Nothing can cancel it halfway.
         """
+        loop = asyncio.get_running_loop()
         if inline:
-            loop = asyncio.get_running_loop()
             give_up = loop.time() + INLINE_BUSY_WINDOW
             while True:
                 raw = None if self._checkpointing else await self._inline_connection()
@@ -624,7 +625,6 @@ class Connection:
                 self.inline_busy_turns += 1
                 _yield_cpu()
                 await asyncio.sleep(0)
-        loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
         backoff = _FIRST_BACKOFF
         attempts = 0
