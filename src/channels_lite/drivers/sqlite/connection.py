@@ -66,8 +66,8 @@ _CHECKPOINT_SQL = {
 #: more busy processes than cores the lock holder is often the one preempted, and trying
 #: again at once only kept it off the CPU. Measured, 3 processes draining one normal channel
 #: on 2 cores (a probe script, single runs): 8 plain loop turns 2.4-2.7k msgs/s, 8 yielding
-#: turns 4.0k, yielding for up to 10 ms 4.4-5.6k (2 ms 4.2-4.5k, 5 ms 5.0-5.8k, 20 ms 5.0-5.5k); the
-#: bench's drain scenario went from 2.9k to 4.6-4.8k (medians).
+#: turns 4.0k, yielding for up to 10 ms 4.4-5.6k (2 ms 4.2-4.5k, 5 ms 5.0-5.8k, 20 ms
+#: 5.0-5.5k); the bench's drain scenario went from 2.9k to 4.6-4.8k (medians).
 INLINE_BUSY_WINDOW = 0.010
 #: Absent on some platforms (Windows): the loop turn alone then.
 _yield_cpu: Callable[[], None] = getattr(os, "sched_yield", lambda: None)
