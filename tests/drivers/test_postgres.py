@@ -40,6 +40,7 @@ from channels_lite.drivers.base import (
     SupportsStats,
 )
 from channels_lite.drivers.postgres import PostgresDriver
+from channels_lite.drivers.postgres.schema import SCHEMA_VERSION
 
 ENV = "CHANNELS_LITE_TEST_POSTGRES_DSN"
 NOW = 1_700_000_000.0
@@ -328,7 +329,35 @@ async def test_concurrent_first_opens_create_tables_once(opts: dict[str, Any]) -
         for d in drivers:
             await d.close()
     rows = sql(opts["dsn"], f'SELECT value FROM "{opts["schema"]}".channels_lite_meta')
-    assert rows == [("1",)]
+    assert rows == [(str(SCHEMA_VERSION),)]
+
+
+@pytest.mark.asyncio
+async def test_version_1_tables_are_upgraded_in_place(opts: dict[str, Any]) -> None:
+    """Tables made by channels-lite 0.5.0 (schema 1, no push function) keep their messages
+    and get the function when a newer process opens them."""
+    from channels_lite.drivers.postgres import driver as driver_module
+
+    first = PostgresDriver(**opts)
+    await first.open()
+    await first.push([env("c", b"kept")], NOW)
+    await first.close()
+    quoted = f'"{opts["schema"]}"'
+    sql(opts["dsn"], f"DROP FUNCTION {quoted}.channels_lite_push_one")
+    sql(opts["dsn"], f"UPDATE {quoted}.channels_lite_meta SET value = '1'")
+    driver_module._PREPARED.clear()
+    second = PostgresDriver(**opts)
+    await second.open()
+    try:
+        assert await second.push([env("c", b"new", capacity=2)], NOW) == [True]
+        assert await second.push([env("c", b"full", capacity=2)], NOW) == [False]
+        got = await second.claim([ClaimRequest("c", 10)], NOW)
+        assert [m.payload for m in got] == [b"kept", b"new"]
+    finally:
+        await second.close()
+    assert sql(opts["dsn"], f"SELECT value FROM {quoted}.channels_lite_meta") == [
+        (str(SCHEMA_VERSION),)
+    ]
 
 
 @pytest.mark.asyncio
@@ -665,6 +694,172 @@ async def test_listener_reconnects_after_its_connection_is_killed(make_driver: A
     assert [m.payload for m in got] == [b"during", b"after"]
 
 
+# ------------------------------------------------- messages handed on from notifications
+
+
+async def _trusting(driver: Any, key: str) -> None:
+    """Claim ``key`` until the driver serves it from notifications (see .inbound): LISTEN in
+    place, then a drained claim of a key known to be a process key."""
+    calls: list[int] = []
+    driver.add_change_listener(lambda: calls.append(1))
+    await driver.claim([ClaimRequest(key, 10)], NOW)
+    await eventually(lambda: bool(calls), "the catch-up call after LISTEN")
+    driver._inbound._process_keys.add(key)  # as after its first process-specific row
+    await driver.claim([ClaimRequest(key, 10)], NOW)
+    assert driver._inbound.trusts(key)
+
+
+async def _claim_until(driver: Any, key: str, count: int, limit: int = 10) -> list[bytes]:
+    got: list[bytes] = []
+    deadline = time.monotonic() + GUARD
+    while len(got) < count:
+        assert time.monotonic() < deadline, f"only {got} of {count} arrived"
+        got.extend(m.payload for m in await driver.claim([ClaimRequest(key, limit)], NOW))
+        await asyncio.sleep(0.005)
+    return got
+
+
+def _stored(driver: Any) -> int:
+    return int(sql(driver.dsn, f"SELECT count(*) FROM {driver._ops.tables.messages}")[0][0])
+
+
+@pytest.mark.asyncio
+async def test_sends_are_handed_on_from_their_notification_once_and_in_order(
+    make_driver: Any,
+) -> None:
+    """A process-specific send carries its message in the NOTIFY: the claiming instance hands
+    it on without a claim round trip, exactly once, in order, and deletes the row afterwards."""
+    a, sender = await make_driver(), await make_driver()
+    await _trusting(a, "k!")
+    claims = 0
+    run_claim = a._ops.run_claim
+
+    async def counting(*args: Any) -> Any:
+        nonlocal claims
+        claims += 1
+        return await run_claim(*args)
+
+    a._ops.run_claim = counting
+    for i in range(20):
+        await sender.push([env(f"x.k!{i % 3}", f"{i}".encode(), key="k!")], NOW)
+    got = await _claim_until(a, "k!", 20, limit=3)
+    assert sorted(got, key=int) == [f"{i}".encode() for i in range(20)]
+    for c in range(3):  # in order within each channel
+        mine = [int(p) for p in got if int(p) % 3 == c]
+        assert mine == sorted(mine)
+    assert claims == 0 and a._inbound.handed_on == 20
+    await eventually(lambda: _stored(a) == 0, "the handed-on rows to be deleted")
+    assert a._inbound.delivered.pending == 0
+    # Nothing comes back, from the table or from late notifications.
+    a._inbound.break_chain("k!")
+    assert await a.claim([ClaimRequest("k!", 100)], NOW) == []
+
+
+@pytest.mark.asyncio
+async def test_a_notification_without_the_message_sends_the_key_back_to_the_table(
+    make_driver: Any,
+) -> None:
+    """A batch push (group_send) and a payload too large for a NOTIFY announce without the
+    message: the key is claimed from the table again, and order still holds."""
+    from channels_lite.drivers.postgres.schema import NOTE_PAYLOAD_MAX
+
+    a, sender = await make_driver(), await make_driver()
+    await _trusting(a, "k!")
+    big = b"B" * (NOTE_PAYLOAD_MAX + 1)
+    await sender.push([env("x.k!1", b"1", key="k!")], NOW)
+    await sender.push([env("x.k!1", b"2", key="k!"), env("x.k!1", b"3", key="k!")], NOW)
+    await sender.push([env("x.k!1", big, key="k!")], NOW)
+    await sender.push([env("x.k!1", b"5", key="k!")], NOW)
+    await eventually(lambda: a._listener.notifications >= 4, "the four notifications")
+    got = await _claim_until(a, "k!", 5, limit=100)
+    assert got == [b"1", b"2", b"3", big, b"5"]
+    a._inbound.break_chain("k!")
+    assert await a.claim([ClaimRequest("k!", 100)], NOW) == []
+
+
+@pytest.mark.asyncio
+async def test_own_push_to_a_trusted_key_is_claimed_from_the_table(make_driver: Any) -> None:
+    """An instance never hears its own NOTIFYs: its own push to a key it serves from
+    notifications must send that key back to the table, or the message would wait."""
+    a = await make_driver()
+    await _trusting(a, "k!")
+    await a.push([env("x.k!1", b"own", key="k!")], NOW)
+    assert not a._inbound.trusts("k!")
+    assert [m.payload for m in await a.claim([ClaimRequest("k!", 10)], NOW)] == [b"own"]
+
+
+@pytest.mark.asyncio
+async def test_messages_held_from_notifications_expire_and_respect_exclude(
+    make_driver: Any,
+) -> None:
+    a, sender = await make_driver(), await make_driver()
+    await _trusting(a, "k!")
+    soon = Envelope("x.k!old", "k!", b"expires", NOW + 1.0, 1000)
+    await sender.push([soon], NOW)
+    await sender.push([env("x.k!full", b"f1", key="k!")], NOW)
+    await sender.push([env("x.k!ok", b"ok", key="k!")], NOW)
+    await sender.push([env("x.k!full", b"f2", key="k!")], NOW)
+    await eventually(lambda: a._listener.notifications >= 4, "the notifications")
+    request = ClaimRequest("k!", 10, exclude=frozenset({"x.k!full"}))
+    got = await a.claim([request], NOW + 2.0)
+    assert [m.payload for m in got] == [b"ok"]
+    assert [m.payload for m in await a.claim([ClaimRequest("k!", 10)], NOW + 2.0)] == [
+        b"f1",
+        b"f2",
+    ]
+    assert a._inbound.handed_on == 3
+
+
+@pytest.mark.asyncio
+async def test_flush_elsewhere_drops_what_notifications_brought(make_driver: Any) -> None:
+    a, sender = await make_driver(), await make_driver()
+    await _trusting(a, "k!")
+    await sender.push([env("x.k!1", b"before flush", key="k!")], NOW)
+    await eventually(lambda: a._listener.notifications >= 1, "the notification")
+    await sender.flush()
+    await eventually(lambda: not a._inbound.trusts("k!"), "the flush notification")
+    assert await a.claim([ClaimRequest("k!", 10)], NOW) == []
+
+
+@pytest.mark.asyncio
+async def test_two_instances_of_one_process_never_hand_on_one_message_twice(
+    make_driver: Any,
+) -> None:
+    """The claim loop moves between event loops (driver instances) of one process: what one
+    instance handed on, the other, hearing the same notifications, must not hand on again."""
+    a, b, sender = await make_driver(), await make_driver(), await make_driver()
+    assert a._inbound.delivered is b._inbound.delivered
+    await _trusting(a, "k!")
+    await _trusting(b, "k!")
+    for i in range(10):
+        await sender.push([env("x.k!1", f"{i}".encode(), key="k!")], NOW)
+    await eventually(
+        lambda: a._listener.notifications >= 10 and b._listener.notifications >= 10,
+        "both instances to hear all ten",
+    )
+    got = [m.payload for m in await a.claim([ClaimRequest("k!", 4)], NOW)]
+    got += [m.payload for m in await b.claim([ClaimRequest("k!", 100)], NOW)]
+    got += [m.payload for m in await a.claim([ClaimRequest("k!", 100)], NOW)]
+    assert got == [f"{i}".encode() for i in range(10)]
+    # And from the table: what is still there (deletion pending) is recognised and dropped.
+    for driver in (a, b):
+        driver._inbound.break_chain("k!")
+        assert await driver.claim([ClaimRequest("k!", 100)], NOW) == []
+
+
+@pytest.mark.asyncio
+async def test_listener_reconnect_breaks_every_chain(make_driver: Any) -> None:
+    a, sender = await make_driver(), await make_driver()
+    await _trusting(a, "k!")
+    pid = a._listener._conn.info.backend_pid
+    sql(a.dsn, "SELECT pg_terminate_backend(%s)", pid)
+    await eventually(lambda: not a._inbound.trusts("k!"), "the lost connection")
+    await sender.push([env("x.k!1", b"during", key="k!")], NOW)
+    await eventually(lambda: a._listener.connects >= 2, "the reconnect")
+    got = await _claim_until(a, "k!", 1)
+    assert got == [b"during"]
+
+
 @pytest.mark.asyncio
 async def test_pooled_connection_killed_is_replaced_transparently(make_driver: Any) -> None:
     """A pooled connection the server dropped (idle) is noticed and replaced before use."""
@@ -690,7 +885,7 @@ async def test_stats_and_liveness(make_driver: Any) -> None:
     assert stats.messages == 3
     assert stats.processes == 1
     assert stats.storage_bytes and stats.storage_bytes > 0
-    assert stats.extra["schema_version"] == 1
+    assert stats.extra["schema_version"] == SCHEMA_VERSION
     assert "password" not in json.dumps(dict(stats.extra), default=str)
 
 

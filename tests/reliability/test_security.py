@@ -246,11 +246,11 @@ _SQL_INSIDE = re.compile(r"\b(WHERE|VALUES|FROM)\b")
 #: (``t``, ``tables``, or ``self`` inside them), "?" placeholders, and settings validated
 #: against a fixed set. Never a value.
 _ALLOWED = re.compile(
-    r"^(?:(?:t|tables)\.\w+|self\.(?:meta|messages|groups|processes|schema|live_counts)"
+    r"^(?:(?:t|tables)\.\w+|self\.(?:meta|messages|groups|processes|schema|live_counts|push_one)"
     r"|p|table|clause"
     r"|_quote\((?:tables\.schema|self\.schema|self\.prefix \+ name|p \+ '\w+')\)"
     r"|', '\.join\('\?' \* len\(names\)\)"
-    r"|self\.synchronous|_JOURNAL_SIZE_LIMIT)$"
+    r"|self\.synchronous|_JOURNAL_SIZE_LIMIT|NOTE_PAYLOAD_MAX)$"
 )
 
 

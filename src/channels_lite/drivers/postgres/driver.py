@@ -27,6 +27,7 @@ cancellation), :mod:`.wakeups` (LISTEN/NOTIFY). This module imports only :mod:`.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import secrets
 from collections.abc import Callable, Mapping, Sequence
@@ -56,6 +57,7 @@ from channels_lite.drivers.postgres.options import (
 )
 
 if TYPE_CHECKING:
+    from channels_lite.drivers.postgres.inbound import Inbound
     from channels_lite.drivers.postgres.ops import Statements
     from channels_lite.drivers.postgres.pool import Pool
     from channels_lite.drivers.postgres.wakeups import Listener
@@ -67,6 +69,9 @@ logger = logging.getLogger("channels_lite.drivers.postgres")
 #: Tables already created or checked by this process: siblings (one per event loop, some of
 #: them short-lived async_to_sync loops) skip the extra connection and round trips.
 _PREPARED: set[tuple[str, str]] = set()
+
+#: Seconds between handing messages on from their notifications and deleting their rows.
+DELETE_DELAY = 0.002
 
 
 class PostgresDriver(Driver):
@@ -145,6 +150,8 @@ class PostgresDriver(Driver):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._listeners = ChangeListeners(logger)
         self._listener: Listener | None = None
+        self._inbound: Inbound | None = None
+        self._deleting: asyncio.Task[None] | None = None
         # Sent with this instance's NOTIFYs, so that its own listener skips them: the core
         # hears of its own pushes directly, and a wake-up for them only costs a claim.
         self._token = secrets.token_hex(8)
@@ -171,6 +178,7 @@ class PostgresDriver(Driver):
 
             from channels_lite.drivers.postgres import schema
             from channels_lite.drivers.postgres.errors import storage_error
+            from channels_lite.drivers.postgres.inbound import Inbound, delivered_for
             from channels_lite.drivers.postgres.ops import Statements
             from channels_lite.drivers.postgres.options import django_target
             from channels_lite.drivers.postgres.pool import Pool, connect
@@ -204,6 +212,7 @@ class PostgresDriver(Driver):
             await pool.open()
             self.target = target
             self._ops = Statements(tables)
+            self._inbound = Inbound(delivered_for(target.conninfo, tables.namespace))
             self._loop = asyncio.get_running_loop()
             self._pool = pool
             if self._listeners:
@@ -232,6 +241,10 @@ class PostgresDriver(Driver):
         if listener is not None:
             await listener.stop()
         await self._listeners.settle()
+        deleting, self._deleting = self._deleting, None
+        if deleting is not None:
+            await asyncio.wait({deleting})
+        await self._delete_handed_on()
         pool, self._pool = self._pool, None
         self._loop = None
         if pool is not None:
@@ -262,6 +275,13 @@ class PostgresDriver(Driver):
             return []
         pool, ops = self._running()
         batch = tuple(envelopes)
+        inbound = self._inbound
+        if inbound is not None:
+            # Our own listener skips our own notifications: a key we hand on from
+            # notifications must be claimed from the table again to see this push.
+            for env in batch:
+                if env.key != env.channel and inbound.trusts(env.key):
+                    inbound.break_chain(env.key)
         # Not replayable after a lost connection: the commit may have happened.
         return await pool.run(
             lambda conn: ops.run_push(conn, batch, now, self._token),
@@ -274,12 +294,80 @@ class PostgresDriver(Driver):
         if not wanted:
             return []
         pool, ops = self._running()
-        if self._listener is not None:
-            self._listener.watch(request.key for request in wanted)
-        return await pool.run(
-            lambda conn: ops.run_claim(conn, wanted, now),
-            doing="claiming messages",
-        )
+        listener, inbound = self._listener, self._inbound
+        if listener is None or inbound is None:
+            rows = await pool.run(
+                lambda conn: ops.run_claim(conn, wanted, now), doing="claiming messages"
+            )
+            return [message for _, message in rows]
+        listener.watch(request.key for request in wanted)
+        # Trusted keys are served from their notifications (see .inbound), the rest claimed.
+        served: list[Claimed] = []
+        rest: list[ClaimRequest] = []
+        for request in wanted:
+            got = inbound.serve(request, now)
+            if got is None:
+                rest.append(request)
+            else:
+                served.extend(got)
+        if served:
+            self._schedule_deletes()
+        if not rest:
+            return served
+        ticket = inbound.ticket([r.key for r in rest], listener.listening)
+        try:
+            rows = await pool.run(
+                lambda conn: ops.run_claim(conn, rest, now), doing="claiming messages"
+            )
+        except asyncio.CancelledError:
+            if not served:
+                raise
+            # Nothing was claimed from the table, but the served messages are handed on
+            # already: return them (the core re-raises the pending cancellation).
+            return served
+        except DriverError:
+            if not served:
+                raise
+            logger.warning(
+                "channels-lite: claiming from %s failed after %d message(s) were handed on "
+                "from notifications; returning those",
+                self.describe(),
+                len(served),
+                exc_info=True,
+            )
+            return served
+        return served + inbound.claimed(ticket, rest, rows, listener.listening)
+
+    def _schedule_deletes(self) -> None:
+        if self._deleting is None or self._deleting.done():
+            self._deleting = asyncio.get_running_loop().create_task(self._delete_soon())
+
+    async def _delete_soon(self) -> None:
+        # Let the receivers just served run first, and let deletions gather into one batch.
+        await asyncio.sleep(DELETE_DELAY)
+        await self._delete_handed_on()
+
+    async def _delete_handed_on(self) -> None:
+        """Delete the rows of messages handed on from notifications, in batches."""
+        inbound = self._inbound
+        while inbound is not None and inbound.doomed and self._pool is not None:
+            ids = inbound.take_doomed()
+            pool, ops = self._running()
+            try:
+                await pool.run(
+                    functools.partial(ops.run_delete, ids=ids), doing="deleting claimed rows"
+                )
+            except DriverError:
+                # They stay recorded as taken: a claim meeting them drops them, and they go
+                # with the process's key when it is released or reaped.
+                logger.warning(
+                    "channels-lite: could not delete %d message row(s) already handed on; "
+                    "claims will skip them",
+                    len(ids),
+                    exc_info=True,
+                )
+                return
+            inbound.delivered.deleted(ids)
 
     async def group_add(self, group: str, channel: str, key: str, expires_at: float) -> None:
         pool, ops = self._running()
@@ -308,6 +396,8 @@ class PostgresDriver(Driver):
 
     async def flush(self) -> None:
         pool, ops = self._running()
+        if self._inbound is not None:
+            self._inbound.reset()
         await pool.run(ops.run_flush, doing="flushing")
 
     # -- SupportsLiveness --------------------------------------------------------------------
@@ -336,6 +426,9 @@ class PostgresDriver(Driver):
         extra["reconnects"] = pool.reconnects
         if self._listener is not None:
             extra["listening_channels"] = len(self._listener.channels)
+        if self._inbound is not None:
+            extra["handed_on_from_notifications"] = self._inbound.handed_on
+            extra["handed_on_rows_pending_delete"] = self._inbound.delivered.pending
         return StorageStats(
             messages=snapshot.messages,
             expired_messages=snapshot.expired_messages,
@@ -370,6 +463,7 @@ class PostgresDriver(Driver):
             self._listeners.notify,
             timeout=self.timeout,
             own_token=self._token,
+            inbound=self._inbound,
         )
         self._listener = listener
         listener.start(self._loop)

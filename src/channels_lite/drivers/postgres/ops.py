@@ -1,8 +1,8 @@
 """The driver's statements, each operation one round trip on a pooled autocommit connection.
 
 Every operation is one implicit transaction and one network round trip: one statement, or a
-few sent as one pipeline before a single Sync (a single-envelope push; a push batch whose
-capacity for a channel changes half-way). PostgreSQL runs the statements between two Syncs as
+few sent as one pipeline before a single Sync (a push batch whose capacity for a channel
+changes half-way). PostgreSQL runs the statements between two Syncs as
 one implicit transaction, committed at the Sync or rolled back as a whole.
 
 Exact capacity: a push takes transaction-level advisory locks on its channels (striped, see
@@ -30,7 +30,7 @@ import psycopg
 from channels_lite.drivers.base import Claimed, ClaimRequest, Envelope, StorageStats
 from channels_lite.drivers.postgres.errors import NotApplied
 from channels_lite.drivers.postgres.schema import Tables, read_version
-from channels_lite.drivers.postgres.wakeups import wake_channel
+from channels_lite.drivers.postgres.wakeups import FLUSH_NOTE, shared_channel, wake_channel
 
 __all__ = ["STRIPES", "Statements", "stripe"]
 
@@ -96,28 +96,12 @@ SELECT ord FROM ranked WHERE ahead < capacity
 UNION ALL
 SELECT -count(*) FROM woken
 """
-        # One envelope (every send): the same decision in two small statements sent as one
-        # pipeline before a single Sync, so one implicit transaction and one round trip. Each
-        # statement of it gets a fresh snapshot (READ COMMITTED), so the count runs after the
-        # lock was granted without the VOLATILE function, and neither statement needs the
-        # batch's unnest and window: measured here at 0.78 vs 1.01 ms a push back to back,
-        # 1.46 vs 2.0 ms at 200 pushes/s. A row comes back when the message was stored.
-        self.push_one_lock = "SELECT pg_advisory_xact_lock(%(lock_key)s, %(stripe)s)"
-        self.push_one = f"""
-WITH stored AS (
-    INSERT INTO {t.messages} (channel, key, payload, expires_at)
-    SELECT %(channel)s, %(key)s, %(payload)s, %(expires)s
-    WHERE (
-        SELECT count(*) FROM (
-            SELECT 1 FROM {t.messages}
-            WHERE channel = %(channel)s AND expires_at > %(now)s
-            LIMIT %(capacity)s
-        ) AS live
-    ) < %(capacity)s
-    RETURNING 1
-)
-SELECT pg_notify(%(wake)s, %(token)s) FROM stored
-"""
+        # One envelope (every send): the same decision in one call of a PL/pgSQL function
+        # (see schema.Tables.push_one_ddl for why), true when the message was stored.
+        self.push_one = (
+            f"SELECT {t.push_one}(%(lock_key)s, %(stripe)s, %(channel)s, %(key)s, "
+            "%(payload)s, %(expires)s, %(now)s, %(capacity)s, %(wake)s, %(token)s, %(tail)s)"
+        )
         # Claims: every request in one statement. SKIP LOCKED makes concurrent claimers take
         # disjoint rows instead of waiting for each other; the DELETE removes what was locked.
         self.claim = f"""
@@ -140,7 +124,7 @@ WITH req AS (
     DELETE FROM {t.messages} AS m USING picked WHERE m.id = picked.id
     RETURNING m.id, m.channel, m.key, m.payload, m.expires_at
 )
-SELECT channel, key, payload, expires_at FROM gone ORDER BY id
+SELECT id, channel, key, payload, expires_at FROM gone ORDER BY id
 """
         # The same for the usual case of one request (a process's own key), simpler to plan:
         # the (key, id) index walk stops after ``limit`` rows.
@@ -155,8 +139,10 @@ WITH gone AS (
     )
     RETURNING id, channel, key, payload, expires_at
 )
-SELECT channel, key, payload, expires_at FROM gone ORDER BY id
+SELECT id, channel, key, payload, expires_at FROM gone ORDER BY id
 """
+        # Messages already handed on from their notification (see .inbound): gone for good.
+        self.delete_ids = f"DELETE FROM {t.messages} WHERE id = ANY(%(ids)s::int8[])"
         self.group_add = (
             f"INSERT INTO {t.groups} (group_name, channel, key, expires_at) "
             "VALUES (%s, %s, %s, %s) ON CONFLICT (group_name, channel) DO UPDATE SET "
@@ -175,10 +161,12 @@ SELECT (SELECT count(*) FROM m) + (SELECT count(*) FROM g)
 """
         # DELETE, not TRUNCATE: TRUNCATE's exclusive lock would queue behind every claim and
         # block every push, and ids must keep growing for FIFO.
+        # The notification tells every listening process to forget the messages it holds
+        # from notifications (see .inbound): they are flushed too.
         self.flush = f"""
 WITH m AS (DELETE FROM {t.messages}), g AS (DELETE FROM {t.groups}),
      p AS (DELETE FROM {t.processes})
-SELECT 1
+SELECT pg_notify(%(shared)s, %(note)s)
 """
         # One statement, one snapshot: renew our lease, take every other expired lease, and
         # what was routed under those keys. A process renewing concurrently wins: the DELETE
@@ -260,13 +248,13 @@ GROUP BY group_name ORDER BY n DESC, group_name LIMIT %(top)s
             "capacity": env.capacity,
             "wake": wake_channel(self.tables.namespace, env.channel, env.key),
             "token": token,
+            "tail": f" {env.expires_at!r} {env.channel}",
         }
-        lock, insert = conn.cursor(), conn.cursor()
-        with _push_outcome(conn, [lock, insert]):
-            async with conn.pipeline():
-                await lock.execute(self.push_one_lock, params)
-                await insert.execute(self.push_one, params)
-        return [len(await insert.fetchall()) == 1]
+        cursor = conn.cursor()
+        with _push_outcome(conn, [cursor]):
+            await cursor.execute(self.push_one, params)
+        row = await cursor.fetchone()
+        return [row is not None and row[0] is True]
 
     def _push_params(self, run: Sequence[Envelope], now: float, token: str) -> dict[str, Any]:
         namespace = self.tables.namespace
@@ -292,7 +280,8 @@ GROUP BY group_name ORDER BY n DESC, group_name LIMIT %(top)s
 
     async def run_claim(
         self, conn: Conn, requests: Sequence[ClaimRequest], now: float
-    ) -> list[Claimed]:
+    ) -> list[tuple[int, Claimed]]:
+        """The claimed messages with their row ids, oldest first."""
         query: str
         params: dict[str, Any]
         if len(requests) == 1:
@@ -332,9 +321,12 @@ GROUP BY group_name ORDER BY n DESC, group_name LIMIT %(top)s
                 raise
             logger.debug("a claim completed as it was cancelled; returning its messages")
         return [
-            Claimed(channel=channel, key=key, payload=bytes(payload), expires_at=expires_at)
-            for channel, key, payload, expires_at in await cursor.fetchall()
+            (int(row_id), Claimed(channel, key, bytes(payload), expires_at))
+            for row_id, channel, key, payload, expires_at in await cursor.fetchall()
         ]
+
+    async def run_delete(self, conn: Conn, ids: Sequence[int]) -> None:
+        await conn.execute(self.delete_ids, {"ids": list(ids)})
 
     # -- groups ----------------------------------------------------------------------------
 
@@ -358,7 +350,9 @@ GROUP BY group_name ORDER BY n DESC, group_name LIMIT %(top)s
         return 0 if row is None else int(row[0])
 
     async def run_flush(self, conn: Conn) -> None:
-        await conn.execute(self.flush)
+        await conn.execute(
+            self.flush, {"shared": shared_channel(self.tables.namespace), "note": FLUSH_NOTE}
+        )
 
     async def run_heartbeat(
         self, conn: Conn, process_key: str, expires_at: float, now: float

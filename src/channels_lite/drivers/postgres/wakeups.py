@@ -39,9 +39,10 @@ from typing import Any
 
 import psycopg
 
+from channels_lite.drivers.postgres.inbound import Inbound
 from channels_lite.drivers.postgres.options import Target
 
-__all__ = ["KEY_IDLE", "Listener", "key_channel", "shared_channel"]
+__all__ = ["FLUSH_NOTE", "KEY_IDLE", "Listener", "key_channel", "shared_channel"]
 
 logger = logging.getLogger("channels_lite.drivers.postgres")
 
@@ -50,6 +51,9 @@ KEY_IDLE = 120.0
 #: Seconds of silence after which the listening connection is pinged (finds dead peers).
 PING_INTERVAL = 15.0
 _FIRST_BACKOFF = 0.05
+#: Sent on the shared channel by a flush: every listening instance drops what it holds from
+#: notifications (no token is ever this: tokens are hex digits).
+FLUSH_NOTE = "flush!"
 _MAX_BACKOFF = 2.0
 
 
@@ -92,17 +96,23 @@ class Listener:
         *,
         timeout: float,
         own_token: str = "",
+        inbound: Inbound | None = None,
     ) -> None:
         self._target = target
         # NOTIFYs carrying it come from our own driver instance: not a change for us.
         self._own = own_token
-        self._own_bytes = own_token.encode()
+        self._own_prefix = own_token + " "
+        #: Gets the messages that notifications carry (and hears when their chain breaks).
+        self._inbound = inbound
+        self._shared = shared_channel(namespace)
         self._namespace = namespace
         self._on_change = on_change
         self._timeout = timeout
         #: key -> time.monotonic() of its last claim.
         self._wanted: dict[str, float] = {}
         self._listening: set[str] = set()
+        #: NOTIFY channel name -> the key it belongs to, for every key channel wanted.
+        self._key_of: dict[str, str] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._changed: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
@@ -143,9 +153,20 @@ class Listener:
         return frozenset(self._listening)
 
     def desired(self) -> set[str]:
-        return {shared_channel(self._namespace)} | {
-            key_channel(self._namespace, key) for key in self._wanted
-        }
+        names = {self._shared}
+        for key in self._wanted:
+            name = key_channel(self._namespace, key)
+            self._key_of[name] = key
+            names.add(name)
+        return names
+
+    def listening(self, key: str) -> int | None:
+        """The connection's serial number if ``key``'s LISTEN is in place, else None."""
+        if self._conn is None or self._lost:
+            return None
+        if key_channel(self._namespace, key) not in self._listening:
+            return None
+        return self.connects
 
     async def stop(self) -> None:
         task, self._task = self._task, None
@@ -211,6 +232,9 @@ class Listener:
                 self._detach_reader()
                 self._conn = None
                 self._listening.clear()
+                if self._inbound is not None:
+                    # Notifications sent while we are away are lost: no chain survives.
+                    self._inbound.reset()
                 with contextlib.suppress(psycopg.Error, OSError):
                     await conn.close()
             await asyncio.sleep(delay)
@@ -259,6 +283,9 @@ class Listener:
         await conn.execute("; ".join(commands))
         self._listening.update(add)
         self._listening.difference_update(drop)
+        dropped = {self._key_of.pop(name) for name in drop if name in self._key_of}
+        if dropped and self._inbound is not None:
+            self._inbound.forget(dropped)
         return True
 
     def _forget_idle_keys(self) -> None:
@@ -294,7 +321,7 @@ class Listener:
             return
         count = 0
         while (notify := pgconn.notifies()) is not None:
-            if not self._own or notify.extra != self._own_bytes:
+            if self._take(notify.relname.decode(), notify.extra.decode()):
                 count += 1
         if count:
             self.notifications += count
@@ -302,10 +329,24 @@ class Listener:
 
     def _notified_in_command(self, notify: psycopg.Notify) -> None:
         # psycopg hands over notifications that arrive while LISTEN/SELECT 1 run.
-        if self._own and notify.payload == self._own:
-            return
-        self.notifications += 1
-        self._notified_during_command = True
+        if self._take(notify.channel, notify.payload):
+            self.notifications += 1
+            self._notified_during_command = True
+
+    def _take(self, channel: str, text: str) -> bool:
+        """Route one notification; False for this instance's own (not a change for us)."""
+        if self._own and (text == self._own or text.startswith(self._own_prefix)):
+            return False
+        inbound = self._inbound
+        if inbound is not None:
+            if channel == self._shared:
+                if text == FLUSH_NOTE:
+                    inbound.reset()
+            else:
+                key = self._key_of.get(channel)
+                if key is not None:
+                    inbound.note(key, text)
+        return True
 
     def _fire(self) -> None:
         try:

@@ -1,0 +1,297 @@
+"""Messages handed on straight from their NOTIFY, without a claim round trip.
+
+A ``send`` to a process-specific channel (``key != channel``: only the process holding that
+key ever claims it) carries the message in its notification (``schema.Tables.push_one_ddl``).
+The receiving process hands it to the core at once and deletes the row in the background,
+which takes the claim's round trip (two process wake-ups, most of the cross-process latency)
+off the path of every message.
+
+How that stays exactly once and in order while the row is still in the table for a moment:
+
+- **Order.** An instance serves a key from its notifications only while it *trusts* the key:
+  since a claim of that key came back drained (fewer rows than asked, nothing excluded), with
+  the key's LISTEN in place before the claim was sent, and nothing broke the chain since (a
+  notification without the message: a batch push, a large payload; a lost LISTEN connection or
+  an UNLISTEN; this instance's own push to the key, which its listener does not hear; more
+  messages held than :data:`MAX_HELD`; a flush). Everything committed before the drained
+  claim's snapshot was claimed by it; everything committed after is announced, in commit
+  order, which within a channel is id order (a push holds its channel's capacity lock until it
+  commits).
+- **Never twice.** A process-wide record (:class:`Delivered`, shared by the driver instances
+  of every event loop) keeps, per (key, channel), the highest row id handed on by either path:
+  a notification at or below it is stale. Rows handed on but not yet deleted are *taken*: a
+  claim that meets one drops it (its DELETE was the row's deletion).
+- **Crash.** A row handed on but not yet deleted stays in the table under the dead process's
+  key and goes when that key is reaped, as every message of a dead process does.
+- **Capacity** still counts a handed-on row until its deletion, a millisecond or so later:
+  the channel looks fuller than it is for that long, never emptier.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import threading
+from collections import OrderedDict, deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from channels_lite.drivers.base import Claimed, ClaimRequest
+
+__all__ = ["MAX_HELD", "Delivered", "Inbound", "delivered_for"]
+
+logger = logging.getLogger("channels_lite.drivers.postgres")
+
+#: Messages held per key from notifications, waiting for a claim. Past it the key's chain
+#: breaks: the messages are in the table, and the next claim reads them there.
+MAX_HELD = 512
+#: (key, channel) pairs whose highest delivered id is remembered; the oldest are forgotten
+#: first, raising their key's floor (below it nothing can be told apart: the chain breaks).
+MAX_REMEMBERED = 65536
+
+
+class Delivered:
+    """Process-wide: what this process handed on, for one set of tables in one database.
+
+    Thread-safe: driver instances on different event loops (threads) share it.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._high: OrderedDict[tuple[str, str], int] = OrderedDict()
+        self._floor: dict[str, int] = {}
+        self._taken: set[int] = set()
+
+    def seen(self, key: str, channel: str, row_id: int) -> bool | None:
+        """Was row ``row_id`` of ``channel`` (under ``key``) handed on already?
+
+        None when that cannot be told any more (its channel's record was forgotten).
+        """
+        with self._lock:
+            high = self._high.get((key, channel))
+            if high is not None:
+                return row_id <= high
+            return None if row_id <= self._floor.get(key, 0) else False
+
+    def record(self, key: str, channel: str, row_id: int) -> None:
+        with self._lock:
+            self._record(key, channel, row_id)
+
+    def _record(self, key: str, channel: str, row_id: int) -> None:
+        pair = (key, channel)
+        high = self._high.get(pair)
+        if high is None or row_id > high:
+            self._high[pair] = row_id
+        self._high.move_to_end(pair)
+        while len(self._high) > MAX_REMEMBERED:
+            (old_key, _), old_high = self._high.popitem(last=False)
+            if old_high > self._floor.get(old_key, 0):
+                self._floor[old_key] = old_high
+
+    def take(self, key: str, channel: str, row_id: int) -> None:
+        """Row ``row_id`` was handed on from its notification; its deletion is pending."""
+        with self._lock:
+            self._record(key, channel, row_id)
+            self._taken.add(row_id)
+
+    def claimed(self, row_id: int) -> bool:
+        """A claim removed row ``row_id``: False when it was handed on already (drop it)."""
+        with self._lock:
+            if row_id in self._taken:
+                self._taken.discard(row_id)
+                return False
+            return True
+
+    def deleted(self, ids: Sequence[int]) -> None:
+        with self._lock:
+            self._taken.difference_update(ids)
+
+    @property
+    def pending(self) -> int:
+        """Rows handed on whose deletion has not happened yet."""
+        with self._lock:
+            return len(self._taken)
+
+
+_registry_lock = threading.Lock()
+_registry: dict[tuple[str, str], Delivered] = {}
+
+
+def delivered_for(conninfo: str, namespace: str) -> Delivered:
+    """The process-wide record for one set of tables (``namespace``) in one database."""
+    with _registry_lock:
+        return _registry.setdefault((conninfo, namespace), Delivered())
+
+
+@dataclass(slots=True)
+class _Held:
+    row_id: int
+    message: Claimed
+
+
+def parse_note(key: str, text: str) -> tuple[int, Claimed] | None:
+    """``token id base64 expires_at channel`` -> the message; None for a bare token."""
+    parts = text.split(" ", 4)
+    if len(parts) != 5:
+        return None
+    _, row_id, encoded, expires_at, channel = parts
+    try:
+        payload = base64.b64decode(encoded)
+        return int(row_id), Claimed(channel, key, payload, float(expires_at))
+    except (ValueError, binascii.Error):
+        logger.warning("channels-lite: ignoring a malformed message notification for %r", key)
+        return None
+
+
+#: What a claim ticket remembers of a key: its chain-break count and the listener's
+#: connection, both of which must be unchanged when the claim returns.
+_Ticket = dict[str, tuple[int, int]]
+
+
+class Inbound:
+    """One driver instance's messages from notifications, and which keys it trusts."""
+
+    def __init__(self, delivered: Delivered) -> None:
+        self.delivered = delivered
+        self._held: dict[str, deque[_Held]] = {}
+        self._trusted: set[str] = set()
+        self._breaks: dict[str, int] = {}
+        #: Keys known to be process keys (a process-specific row or notification was seen).
+        self._process_keys: set[str] = set()
+        #: Row ids handed on, whose rows the driver deletes in the background.
+        self.doomed: list[int] = []
+        #: For tests and stats: messages handed on from notifications.
+        self.handed_on = 0
+
+    # -- from the listener ---------------------------------------------------------------------
+
+    def note(self, key: str, text: str) -> None:
+        """A notification on ``key``'s channel (never one of this instance's own)."""
+        self._process_keys.add(key)
+        parsed = parse_note(key, text)
+        if parsed is None:
+            self.break_chain(key)
+            return
+        row_id, message = parsed
+        state = self.delivered.seen(key, message.channel, row_id)
+        if state:
+            return
+        if state is None:
+            self.break_chain(key)
+            return
+        held = self._held.setdefault(key, deque())
+        if len(held) >= MAX_HELD:
+            self.break_chain(key)
+            return
+        held.append(_Held(row_id, message))
+
+    def break_chain(self, key: str) -> None:
+        """Stop serving ``key`` from notifications until a drained claim re-establishes it.
+
+        What is held goes: it was committed before now, so the next claim, sent after now,
+        finds it in the table (or it was delivered already).
+        """
+        self._trusted.discard(key)
+        self._held.pop(key, None)
+        self._breaks[key] = self._breaks.get(key, 0) + 1
+
+    def reset(self) -> None:
+        """Every chain breaks (a lost LISTEN connection, a flush)."""
+        for key in set(self._trusted) | set(self._held):
+            self.break_chain(key)
+        self._trusted.clear()
+
+    def forget(self, keys: set[str]) -> None:
+        """No longer listened on (idle keys)."""
+        for key in keys:
+            self.break_chain(key)
+            self._breaks.pop(key, None)
+            self._process_keys.discard(key)
+
+    # -- claims --------------------------------------------------------------------------------
+
+    def serve(self, request: ClaimRequest, now: float) -> list[Claimed] | None:
+        """Hand on what notifications brought for a trusted key; None: claim it instead."""
+        key = request.key
+        if key not in self._trusted:
+            return None
+        held = self._held.get(key)
+        out: list[Claimed] = []
+        if not held:
+            return out
+        kept: deque[_Held] = deque()
+        while held and len(out) < request.limit:
+            item = held.popleft()
+            message = item.message
+            if message.channel in request.exclude:
+                kept.append(item)
+                continue
+            if message.expires_at <= now:
+                continue  # never handed on; purge removes the row
+            state = self.delivered.seen(key, message.channel, item.row_id)
+            if state:
+                continue
+            if state is None:
+                # Cannot tell: stop here; the rest comes from the table, after these.
+                self.break_chain(key)
+                held = None
+                break
+            self.delivered.take(key, message.channel, item.row_id)
+            self.doomed.append(item.row_id)
+            out.append(message)
+        if held is not None:
+            kept.extend(held)
+            if kept:
+                self._held[key] = kept
+            else:
+                self._held.pop(key, None)
+        self.handed_on += len(out)
+        return out
+
+    def ticket(self, keys: Sequence[str], listening: Callable[[str], int | None]) -> _Ticket:
+        """Before a claim is sent: the keys it may establish trust for."""
+        ticket: _Ticket = {}
+        for key in keys:
+            connection = listening(key)
+            if connection is not None:
+                ticket[key] = (self._breaks.get(key, 0), connection)
+        return ticket
+
+    def claimed(
+        self,
+        ticket: _Ticket,
+        requests: Sequence[ClaimRequest],
+        rows: Sequence[tuple[int, Claimed]],
+        listening: Callable[[str], int | None],
+    ) -> list[Claimed]:
+        """After a claim: drop rows already handed on, remember the rest, trust drained keys."""
+        out: list[Claimed] = []
+        counts: dict[str, int] = {}
+        for row_id, message in rows:
+            counts[message.key] = counts.get(message.key, 0) + 1
+            if message.channel != message.key:
+                self._process_keys.add(message.key)
+                if not self.delivered.claimed(row_id):
+                    continue
+                self.delivered.record(message.key, message.channel, row_id)
+            out.append(message)
+        for request in requests:
+            key = request.key
+            before = ticket.get(key)
+            if (
+                before is not None
+                and key in self._process_keys
+                and not request.exclude
+                and counts.get(key, 0) < request.limit
+                and before == (self._breaks.get(key, 0), listening(key))
+            ):
+                self._trusted.add(key)
+        return out
+
+    def trusts(self, key: str) -> bool:
+        return key in self._trusted
+
+    def take_doomed(self) -> list[int]:
+        doomed, self.doomed = self.doomed, []
+        return doomed

@@ -1,0 +1,114 @@
+"""The bookkeeping behind messages handed on from notifications (no server needed)."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+
+from channels_lite.drivers.base import Claimed, ClaimRequest
+from channels_lite.drivers.postgres import inbound
+from channels_lite.drivers.postgres.inbound import Delivered, Inbound, parse_note
+
+NOW = 1_700_000_000.0
+
+
+def note(row_id: int, channel: str, payload: bytes, expires_at: float = NOW + 60) -> str:
+    # As schema.Tables.push_one_ddl builds it (PostgreSQL's base64 wraps lines at 76).
+    encoded = base64.encodebytes(payload).decode().strip()
+    return f"tok {row_id} {encoded} {expires_at!r} {channel}"
+
+
+def trusted(key: str = "k!") -> Inbound:
+    box = Inbound(Delivered())
+    ticket = box.ticket([key], lambda _: 1)
+    row = (1, Claimed("x.k!c", key, b"first", NOW + 60))
+    assert [m.payload for m in box.claimed(ticket, [ClaimRequest(key, 10)], [row], lambda _: 1)]
+    assert box.trusts(key)
+    return box
+
+
+def test_parse_note_round_trips_any_payload_and_channel() -> None:
+    payload = bytes(range(256)) * 30
+    row_id, message = parse_note("k!", note(7, "a.k!odd name", payload, NOW + 0.1)) or (0, None)
+    assert row_id == 7 and message == Claimed("a.k!odd name", "k!", payload, NOW + 0.1)
+    assert parse_note("k!", "tok") is None
+
+
+def test_parse_note_refuses_garbage() -> None:
+    assert parse_note("k!", "tok x !!! 1.0 ch") is None
+    assert parse_note("k!", "tok 1 AAAA notafloat ch") is None
+
+
+def test_trust_needs_a_drained_claim_with_the_listen_in_place() -> None:
+    box = Inbound(Delivered())
+    request = ClaimRequest("k!", 1)
+    row = (1, Claimed("x.k!c", "k!", b"p", NOW + 60))
+    # Full batch: more may be waiting in the table.
+    box.claimed(box.ticket(["k!"], lambda _: 1), [request], [row], lambda _: 1)
+    assert not box.trusts("k!")
+    # No LISTEN when the claim was sent.
+    box.claimed(box.ticket(["k!"], lambda _: None), [ClaimRequest("k!", 5)], [], lambda _: 1)
+    assert not box.trusts("k!")
+    # The listener reconnected while the claim was in flight.
+    box.claimed(box.ticket(["k!"], lambda _: 1), [ClaimRequest("k!", 5)], [], lambda _: 2)
+    assert not box.trusts("k!")
+    # A chain break while the claim was in flight.
+    ticket = box.ticket(["k!"], lambda _: 1)
+    box.note("k!", "tok")
+    box.claimed(ticket, [ClaimRequest("k!", 5)], [], lambda _: 1)
+    assert not box.trusts("k!")
+    # Exclusions leave messages behind.
+    ticket = box.ticket(["k!"], lambda _: 1)
+    excluding = ClaimRequest("k!", 5, exclude=frozenset({"x.k!c"}))
+    box.claimed(ticket, [excluding], [], lambda _: 1)
+    assert not box.trusts("k!")
+    box.claimed(box.ticket(["k!"], lambda _: 1), [ClaimRequest("k!", 5)], [], lambda _: 1)
+    assert box.trusts("k!")
+
+
+def test_normal_channel_keys_are_never_trusted() -> None:
+    box = Inbound(Delivered())
+    ticket = box.ticket(["jobs"], lambda _: 1)
+    row = (1, Claimed("jobs", "jobs", b"p", NOW + 60))
+    box.claimed(ticket, [ClaimRequest("jobs", 5)], [row], lambda _: 1)
+    assert not box.trusts("jobs")
+    assert box.serve(ClaimRequest("jobs", 5), NOW) is None
+
+
+def test_stale_notifications_are_dropped() -> None:
+    box = trusted()
+    box.note("k!", note(1, "x.k!c", b"first"))  # the claim above took row 1
+    box.note("k!", note(2, "x.k!c", b"second"))
+    assert [m.payload for m in box.serve(ClaimRequest("k!", 10), NOW) or []] == [b"second"]
+    assert box.take_doomed() == [2]
+    # Row 2 is still in the table (deletion pending): a claim meeting it drops it.
+    row = (2, Claimed("x.k!c", "k!", b"second", NOW + 60))
+    assert box.claimed({}, [ClaimRequest("k!", 10)], [row], lambda _: 1) == []
+    box.note("k!", note(2, "x.k!c", b"second"))
+    assert box.serve(ClaimRequest("k!", 10), NOW) == []
+
+
+def test_a_forgotten_record_breaks_the_chain_instead_of_guessing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(inbound, "MAX_REMEMBERED", 2)
+    box = trusted()
+    for i, channel in enumerate(["x.k!a", "x.k!b", "x.k!d"], start=10):
+        box.delivered.record("k!", channel, i)
+    # x.k!c's record (row 1) was forgotten, raising k!'s floor to 1: row 1 cannot be told
+    # apart from a new message below the floor...
+    assert box.delivered.seen("k!", "x.k!c", 1) is None
+    box.note("k!", note(1, "x.k!c", b"first"))
+    assert not box.trusts("k!")
+    # ... while a row above the floor can.
+    assert box.delivered.seen("k!", "x.k!c", 12) is False
+
+
+def test_too_many_held_messages_break_the_chain(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(inbound, "MAX_HELD", 3)
+    box = trusted()
+    for i in range(2, 6):
+        box.note("k!", note(i, "x.k!c", b"m"))
+    assert not box.trusts("k!")
+    assert box.serve(ClaimRequest("k!", 10), NOW) is None
