@@ -112,3 +112,32 @@ def test_too_many_held_messages_break_the_chain(monkeypatch: pytest.MonkeyPatch)
         box.note("k!", note(i, "x.k!c", b"m"))
     assert not box.trusts("k!")
     assert box.serve(ClaimRequest("k!", 10), NOW) is None
+
+
+def test_own_push_spoils_a_claim_in_flight() -> None:
+    """The instance's own push is never announced to it: a claim sent before that push
+    commits may not have seen it, so it must not establish trust."""
+    box = Inbound(Delivered())
+    box.note("k!", "tok")  # known as a process key
+    ticket = box.ticket(["k!"], lambda _: 1)
+    box.own_push("k!")
+    box.claimed(ticket, [ClaimRequest("k!", 5)], [], lambda _: 1)
+    assert not box.trusts("k!")
+    box.own_push("other!")  # a key this instance never claims: nothing to remember
+    assert "other!" not in box._breaks
+
+
+def test_trust_lapses_and_what_is_held_survives_the_next_claim(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    box = trusted()
+    box.note("k!", note(2, "x.k!c", b"two"))
+    box.note("k!", note(3, "x.k!c", b"three"))
+    monkeypatch.setattr(inbound.time, "monotonic", lambda: 1e12)
+    assert box.serve(ClaimRequest("k!", 10), NOW) is None
+    # The claim that follows found row 2 only (row 3 committed after its snapshot).
+    ticket = box.ticket(["k!"], lambda _: 1)
+    row = (2, Claimed("x.k!c", "k!", b"two", NOW + 60))
+    got = box.claimed(ticket, [ClaimRequest("k!", 10)], [row], lambda _: 1)
+    assert [m.payload for m in got] == [b"two"]
+    assert [m.payload for m in box.serve(ClaimRequest("k!", 10), NOW) or []] == [b"three"]

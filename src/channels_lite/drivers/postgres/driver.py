@@ -280,8 +280,8 @@ class PostgresDriver(Driver):
             # Our own listener skips our own notifications: a key we hand on from
             # notifications must be claimed from the table again to see this push.
             for env in batch:
-                if env.key != env.channel and inbound.trusts(env.key):
-                    inbound.break_chain(env.key)
+                if env.key != env.channel:
+                    inbound.own_push(env.key)
         # Not replayable after a lost connection: the commit may have happened.
         return await pool.run(
             lambda conn: ops.run_push(conn, batch, now, self._token),

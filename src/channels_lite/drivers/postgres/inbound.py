@@ -13,10 +13,10 @@ How that stays exactly once and in order while the row is still in the table for
   the key's LISTEN in place before the claim was sent, and nothing broke the chain since (a
   notification without the message: a batch push, a large payload; a lost LISTEN connection or
   an UNLISTEN; this instance's own push to the key, which its listener does not hear; more
-  messages held than :data:`MAX_HELD`; a flush). Everything committed before the drained
-  claim's snapshot was claimed by it; everything committed after is announced, in commit
-  order, which within a channel is id order (a push holds its channel's capacity lock until it
-  commits).
+  messages held than :data:`MAX_HELD`; a flush), and for :data:`TRUST_TTL` at most.
+  Everything committed before the drained claim's snapshot was claimed by it; everything
+  committed after is announced, in commit order, which within a channel is id order (a push
+  holds its channel's capacity lock until it commits).
 - **Never twice.** A process-wide record (:class:`Delivered`, shared by the driver instances
   of every event loop) keeps, per (key, channel), the highest row id handed on by either path:
   a notification at or below it is stale. Rows handed on but not yet deleted are *taken*: a
@@ -33,6 +33,7 @@ import base64
 import binascii
 import logging
 import threading
+import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -46,6 +47,11 @@ logger = logging.getLogger("channels_lite.drivers.postgres")
 #: Messages held per key from notifications, waiting for a claim. Past it the key's chain
 #: breaks: the messages are in the table, and the next claim reads them there.
 MAX_HELD = 512
+#: Seconds a drained claim's trust lasts: then the key is claimed from the table once more.
+#: It bounds how long a LISTEN connection that died without anyone noticing (a peer gone
+#: silent; found by the listener's ping only after seconds) can hide messages, at the cost of
+#: one claim round trip per key per period.
+TRUST_TTL = 1.0
 #: (key, channel) pairs whose highest delivered id is remembered; the oldest are forgotten
 #: first, raising their key's floor (below it nothing can be told apart: the chain breaks).
 MAX_REMEMBERED = 65536
@@ -155,7 +161,9 @@ class Inbound:
     def __init__(self, delivered: Delivered) -> None:
         self.delivered = delivered
         self._held: dict[str, deque[_Held]] = {}
-        self._trusted: set[str] = set()
+        #: Trusted keys -> time.monotonic() when their trust lapses.
+        self._trusted: dict[str, float] = {}
+        #: Chain breaks per key this instance claims (present for every such key).
         self._breaks: dict[str, int] = {}
         #: Keys known to be process keys (a process-specific row or notification was seen).
         self._process_keys: set[str] = set()
@@ -192,9 +200,18 @@ class Inbound:
         What is held goes: it was committed before now, so the next claim, sent after now,
         finds it in the table (or it was delivered already).
         """
-        self._trusted.discard(key)
+        self._trusted.pop(key, None)
         self._held.pop(key, None)
         self._breaks[key] = self._breaks.get(key, 0) + 1
+
+    def own_push(self, key: str) -> None:
+        """This instance pushed a message routed under ``key``.
+
+        Its listener never hears its own notifications, so a key it claims must go back to
+        the table, including one whose trust a claim in flight is about to establish.
+        """
+        if key in self._breaks:
+            self.break_chain(key)
 
     def reset(self) -> None:
         """Every chain breaks (a lost LISTEN connection, a flush)."""
@@ -214,7 +231,13 @@ class Inbound:
     def serve(self, request: ClaimRequest, now: float) -> list[Claimed] | None:
         """Hand on what notifications brought for a trusted key; None: claim it instead."""
         key = request.key
-        if key not in self._trusted:
+        lapses = self._trusted.get(key)
+        if lapses is None:
+            return None
+        if time.monotonic() >= lapses:
+            # What is held stays: the claim about to be sent finds those rows in the table
+            # (and drops them from what is held once seen), or they came after its snapshot.
+            del self._trusted[key]
             return None
         held = self._held.get(key)
         out: list[Claimed] = []
@@ -253,6 +276,7 @@ class Inbound:
         """Before a claim is sent: the keys it may establish trust for."""
         ticket: _Ticket = {}
         for key in keys:
+            self._breaks.setdefault(key, 0)
             connection = listening(key)
             if connection is not None:
                 ticket[key] = (self._breaks.get(key, 0), connection)
@@ -286,7 +310,7 @@ class Inbound:
                 and counts.get(key, 0) < request.limit
                 and before == (self._breaks.get(key, 0), listening(key))
             ):
-                self._trusted.add(key)
+                self._trusted[key] = time.monotonic() + TRUST_TTL
         return out
 
     def trusts(self, key: str) -> bool:
