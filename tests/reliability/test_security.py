@@ -247,7 +247,7 @@ _SQL_INSIDE = re.compile(r"\b(WHERE|VALUES|FROM)\b")
 #: against a fixed set. Never a value.
 _ALLOWED = re.compile(
     r"^(?:(?:t|tables)\.\w+|self\.(?:meta|messages|groups|processes|schema|live_counts|push_one)"
-    r"|p|table|clause"
+    r"|p|table|clause|match"
     r"|_quote\((?:tables\.schema|self\.schema|self\.prefix \+ name|p \+ '\w+')\)"
     r"|', '\.join\('\?' \* len\(names\)\)"
     r"|self\.synchronous|_JOURNAL_SIZE_LIMIT|NOTE_PAYLOAD_MAX)$"
