@@ -638,14 +638,25 @@ class DriverTests(ConformanceFixtures):
             ("specific.proc!a", b"4"),
         ]
 
+    @pytest.mark.parametrize("limit", [1, 2])
     @pytest.mark.asyncio
-    async def test_driver_claim_exclude_with_limit(self, driver: Driver) -> None:
+    async def test_driver_claim_exclude_with_limit(self, driver: Driver, limit: int) -> None:
         """The limit counts only returned messages; excluded ones are skipped, not counted."""
         for i in range(10):
             channel = "p.k!full" if i < 8 else "p.k!free"
             await driver.push([envelope(channel, f"{i}".encode(), key="k!")], NOW)
-        got = await claim(driver, "k!", limit=2, exclude=frozenset({"p.k!full"}))
-        assert _payloads(got) == [b"8", b"9"]
+        got = await claim(driver, "k!", limit=limit, exclude=frozenset({"p.k!full"}))
+        assert _payloads(got) == [b"8", b"9"][:limit]
+
+    @pytest.mark.asyncio
+    async def test_driver_claim_one_at_a_time(self, driver: Driver) -> None:
+        """A lone receiver claims one message per call (drivers may take a faster path for
+        ``limit=1``): oldest first, each once, expired ones skipped."""
+        await driver.push([envelope("c", b"old")], NOW)
+        await driver.push([envelope("c", b"expires", expires_at=NOW + 5)], NOW)
+        await driver.push([envelope("c", f"{i}".encode()) for i in range(5)], NOW)
+        got = [_payloads(await claim(driver, "c", now=NOW + 10, limit=1)) for _ in range(7)]
+        assert got == [[b"old"], [b"0"], [b"1"], [b"2"], [b"3"], [b"4"], []]
 
     @pytest.mark.asyncio
     async def test_driver_claim_exclude_everything(self, driver: Driver) -> None:
