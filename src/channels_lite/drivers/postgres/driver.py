@@ -8,8 +8,8 @@ Why psycopg 3 (async) rather than asyncpg:
 - libpq underneath means every connection string, ``PG*`` environment variable, ``.pgpass``
   and ``pg_service.conf`` users already rely on just works; asyncpg reimplements the protocol
   and supports a subset of those.
-- Pipeline mode lets one push send "take the capacity locks" and "count, insert, notify" as
-  two statements of one implicit transaction in a single network round trip.
+- Pipeline mode lets a push batch whose capacities differ send its statements as one
+  implicit transaction in a single network round trip.
 - asyncpg's speed advantage is in decoding large result sets, which a channel layer does not
   have: its statements move a few rows of bytes each.
 
@@ -19,7 +19,8 @@ psycopg_pool: its background workers can hang the shutdown of the short-lived ev
 
 What lives where: :mod:`.options` (option checks, DSN or Django alias), :mod:`.schema` (tables
 and their version), :mod:`.ops` (the statements), :mod:`.pool` (connections, retries,
-cancellation), :mod:`.wakeups` (LISTEN/NOTIFY). This module imports only :mod:`.options`
+cancellation), :mod:`.wakeups` (LISTEN/NOTIFY), :mod:`.inbound` (messages handed on straight
+from their notification). This module imports only :mod:`.options`
 (which does not import psycopg) until the driver is constructed, so that installs without the
 ``postgres`` extra can still register and list the driver.
 """
