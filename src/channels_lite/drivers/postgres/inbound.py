@@ -54,7 +54,7 @@ MAX_HELD = 512
 TRUST_TTL = 1.0
 #: (key, channel) pairs whose highest delivered id is remembered; the oldest are forgotten
 #: first, raising their key's floor (below it nothing can be told apart: the chain breaks).
-MAX_REMEMBERED = 65536
+MAX_REMEMBERED = 16384
 
 
 class Delivered:
