@@ -141,3 +141,14 @@ def test_trust_lapses_and_what_is_held_survives_the_next_claim(
     got = box.claimed(ticket, [ClaimRequest("k!", 10)], [row], lambda _: 1)
     assert [m.payload for m in got] == [b"two"]
     assert [m.payload for m in box.serve(ClaimRequest("k!", 10), NOW) or []] == [b"three"]
+
+
+def test_take_is_check_and_record_in_one_step() -> None:
+    delivered = Delivered()
+    assert delivered.take("k!", "x.k!c", 5) is True
+    assert delivered.take("k!", "x.k!c", 5) is False  # another instance heard it too
+    assert delivered.take("k!", "x.k!c", 4) is False  # older than what was handed on
+    assert delivered.pending == 1
+    assert delivered.claimed(5) is False  # a claim that meets the row drops it
+    assert delivered.pending == 0
+    assert delivered.claimed(6) is True

@@ -95,11 +95,23 @@ class Delivered:
             if old_high > self._floor.get(old_key, 0):
                 self._floor[old_key] = old_high
 
-    def take(self, key: str, channel: str, row_id: int) -> None:
-        """Row ``row_id`` was handed on from its notification; its deletion is pending."""
+    def take(self, key: str, channel: str, row_id: int) -> bool | None:
+        """Hand row ``row_id`` on from its notification, unless it was handed on already.
+
+        True: it is this caller's to deliver (its deletion is now pending); False: handed on
+        already; None: cannot tell (see :meth:`seen`). Check and record are one step, so two
+        instances hearing the same notification never both get it.
+        """
         with self._lock:
+            high = self._high.get((key, channel))
+            if high is not None:
+                if row_id <= high:
+                    return False
+            elif row_id <= self._floor.get(key, 0):
+                return None
             self._record(key, channel, row_id)
             self._taken.add(row_id)
+            return True
 
     def claimed(self, row_id: int) -> bool:
         """A claim removed row ``row_id``: False when it was handed on already (drop it)."""
@@ -252,15 +264,14 @@ class Inbound:
                 continue
             if message.expires_at <= now:
                 continue  # never handed on; purge removes the row
-            state = self.delivered.seen(key, message.channel, item.row_id)
-            if state:
+            state = self.delivered.take(key, message.channel, item.row_id)
+            if state is False:
                 continue
             if state is None:
                 # Cannot tell: stop here; the rest comes from the table, after these.
                 self.break_chain(key)
                 held = None
                 break
-            self.delivered.take(key, message.channel, item.row_id)
             self.doomed.append(item.row_id)
             out.append(message)
         if held is not None:
