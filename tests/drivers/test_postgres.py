@@ -333,6 +333,31 @@ async def test_concurrent_first_opens_create_tables_once(opts: dict[str, Any]) -
 
 
 @pytest.mark.asyncio
+async def test_connections_count_in_read_committed(opts: dict[str, Any]) -> None:
+    """A server or role defaulting to a stricter isolation level would make the capacity count
+    use a snapshot from before the capacity lock: the driver's connections set READ COMMITTED."""
+    sep = "&" if "?" in opts["dsn"] else "?"
+    strict = f"{opts['dsn']}{sep}options=-c%20default_transaction_isolation%3Dserializable"
+    driver = PostgresDriver(dsn=strict, schema=opts["schema"])
+    await driver.open()
+    try:
+        levels = await driver._pool.run(
+            lambda conn: _scalar(conn, "SHOW transaction_isolation"), doing="testing"
+        )
+        assert levels == "read committed"
+        assert await driver.push([env("c", b"x", capacity=1)], NOW) == [True]
+        assert await driver.push([env("c", b"y", capacity=1)], NOW) == [False]
+    finally:
+        await driver.close()
+
+
+async def _scalar(conn: Any, query: str) -> Any:
+    cursor = await conn.execute(query)
+    row = await cursor.fetchone()
+    return None if row is None else row[0]
+
+
+@pytest.mark.asyncio
 async def test_version_1_tables_are_upgraded_in_place(opts: dict[str, Any]) -> None:
     """Tables made by channels-lite 0.5.0 (schema 1, no push function) keep their messages
     and get the function when a newer process opens them."""

@@ -92,7 +92,18 @@ def _transient_connect_error(exc: psycopg.Error) -> bool:
 
 
 async def _open_connection(target: Target) -> Conn:
-    return await psycopg.AsyncConnection.connect(target.conninfo, autocommit=True)
+    conn = await psycopg.AsyncConnection.connect(target.conninfo, autocommit=True)
+    try:
+        # Exact capacity counts after the capacity lock with a fresh snapshot, which READ
+        # COMMITTED gives each statement; a server or role defaulting to REPEATABLE READ or
+        # SERIALIZABLE would count with the snapshot from before the lock was granted.
+        await conn.execute(
+            "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL READ COMMITTED"
+        )
+    except BaseException:
+        await conn.close()
+        raise
+    return conn
 
 
 async def connect(target: Target, doing: str, *, deadline: float | None = None) -> Conn:

@@ -242,6 +242,10 @@ class Listener:
     async def _serve(self, conn: psycopg.AsyncConnection[Any]) -> None:
         assert self._changed is not None
         self._lost = False
+        if self._inbound is not None:
+            # Whatever was trusted before this connection (an earlier listener of this driver
+            # instance, say) missed what was sent in between.
+            self._inbound.reset()
         conn.add_notify_handler(self._notified_in_command)
         await self._apply(conn)
         # Anything committed while we were not listening (first start, or a reconnect after a
@@ -321,7 +325,9 @@ class Listener:
             return
         count = 0
         while (notify := pgconn.notifies()) is not None:
-            if self._take(notify.relname.decode(), notify.extra.decode()):
+            # Our payloads are ASCII; "replace" keeps a stray byte from ending this batch.
+            channel = notify.relname.decode("utf-8", "replace")
+            if self._take(channel, notify.extra.decode("utf-8", "replace")):
                 count += 1
         if count:
             self.notifications += count
