@@ -1111,6 +1111,9 @@ def private_server(dsn: str) -> Iterator[PrivateServer]:
                 "-E",
                 "UTF8",
                 "--locale=C.UTF-8",
+                # No fsync of the new cluster: a throwaway server, and the fsyncs of a whole
+                # data directory stall the other tests' disk writes on a small machine.
+                "--no-sync",
             ],
             check=True,
             capture_output=True,
