@@ -2,8 +2,9 @@
 
 Every operation is one implicit transaction and one network round trip: one statement, or a
 few sent as one pipeline before a single Sync (a push batch whose capacity for a channel
-changes half-way). PostgreSQL runs the statements between two Syncs as
-one implicit transaction, committed at the Sync or rolled back as a whole.
+changes half-way). PostgreSQL runs the statements between two Syncs as one implicit
+transaction, committed at the Sync or rolled back as a whole. The only other traffic is the
+background deletion of rows already handed on from their notification (see :mod:`.inbound`).
 
 Exact capacity: a push takes transaction-level advisory locks on its channels (striped, see
 :data:`STRIPES`), then counts each channel's live messages with a snapshot taken after the locks
