@@ -873,6 +873,24 @@ async def test_two_instances_of_one_process_never_hand_on_one_message_twice(
 
 
 @pytest.mark.asyncio
+async def test_a_replaced_listener_trusts_nothing_it_did_not_hear(make_driver: Any) -> None:
+    """The core removes its change listener (its claim loop moved to another event loop) and
+    adds one again later: what was sent in between was never heard, so no key stays trusted."""
+    a, sender = await make_driver(), await make_driver()
+    await _trusting(a, "k!")
+    callbacks = list(a._listeners._callbacks)
+    for callback in callbacks:
+        a.remove_change_listener(callback)
+    await eventually(lambda: a._listener is None, "the listener to stop")
+    await sender.push([env("x.k!1", b"unheard", key="k!")], NOW)
+    calls: list[int] = []
+    a.add_change_listener(lambda: calls.append(1))
+    await eventually(lambda: bool(calls), "the new listener's catch-up call")
+    assert not a._inbound.trusts("k!")
+    assert [m.payload for m in await a.claim([ClaimRequest("k!", 10)], NOW)] == [b"unheard"]
+
+
+@pytest.mark.asyncio
 async def test_listener_reconnect_breaks_every_chain(make_driver: Any) -> None:
     a, sender = await make_driver(), await make_driver()
     await _trusting(a, "k!")
