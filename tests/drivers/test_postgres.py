@@ -848,7 +848,9 @@ async def test_messages_held_from_notifications_expire_and_respect_exclude(
 
 
 @pytest.mark.asyncio
-async def test_flush_elsewhere_drops_what_notifications_brought(make_driver: Any) -> None:
+async def test_flush_elsewhere_drops_what_notifications_brought(
+    make_driver: Any, long_trust: None
+) -> None:
     a, sender = await make_driver(), await make_driver()
     await _trusting(a, "k!")
     await sender.push([env("x.k!1", b"before flush", key="k!")], NOW)
