@@ -1230,3 +1230,25 @@ async def test_server_restart_mid_stream_loses_nothing(
     assert set(received) <= set(confirmed) | set(uncertain)
     assert received == sorted(received), "FIFO broken across the restart"
     assert len(uncertain) <= 2
+
+
+@pytest.mark.asyncio
+async def test_a_sibling_without_listener_drops_rows_already_handed_on(
+    make_driver: Any, long_trust: None
+) -> None:
+    """One instance handed messages on from notifications (their rows not deleted yet); a
+    sibling instance of the same process that claims without a listener must drop those rows,
+    and what it claims must not be handed on again by the first."""
+    a, b, sender = await make_driver(), await make_driver(), await make_driver()
+    await _trusting(a, "k!")
+    for i in range(4):
+        await sender.push([env("x.k!1", f"{i}".encode(), key="k!")], NOW)
+    await eventually(lambda: a._listener.notifications >= 4, "the notifications")
+    first = [m.payload for m in await a.claim([ClaimRequest("k!", 2)], NOW)]
+    assert first == [b"0", b"1"] and a._inbound.delivered.pending == 2
+    # b has no change listener: it claims from the table, where rows 0 and 1 still are.
+    assert b._listener is None
+    rest = [m.payload for m in await b.claim([ClaimRequest("k!", 100)], NOW)]
+    assert rest == [b"2", b"3"]
+    # a still holds 2 and 3 from their notifications: they were delivered by b.
+    assert await a.claim([ClaimRequest("k!", 100)], NOW) == []
