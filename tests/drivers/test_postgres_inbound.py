@@ -95,7 +95,7 @@ def test_a_forgotten_record_breaks_the_chain_instead_of_guessing(
     monkeypatch.setattr(inbound, "MAX_REMEMBERED", 2)
     box = trusted()
     for i, channel in enumerate(["x.k!a", "x.k!b", "x.k!d"], start=10):
-        box.delivered.record("k!", channel, i)
+        box.delivered.claimed("k!", channel, i)
     # x.k!c's record (row 1) was forgotten, raising k!'s floor to 1: row 1 cannot be told
     # apart from a new message below the floor...
     assert box.delivered.seen("k!", "x.k!c", 1) is None
@@ -149,6 +149,6 @@ def test_take_is_check_and_record_in_one_step() -> None:
     assert delivered.take("k!", "x.k!c", 5) is False  # another instance heard it too
     assert delivered.take("k!", "x.k!c", 4) is False  # older than what was handed on
     assert delivered.pending == 1
-    assert delivered.claimed(5) is False  # a claim that meets the row drops it
+    assert delivered.claimed("k!", "x.k!c", 5) is False  # a claim that meets the row drops it
     assert delivered.pending == 0
-    assert delivered.claimed(6) is True
+    assert delivered.claimed("k!", "x.k!c", 6) is True

@@ -75,6 +75,11 @@ _PREPARED: set[tuple[str, str]] = set()
 DELETE_DELAY = 0.002
 
 
+def _not_listening(key: str) -> None:
+    """What a driver instance without a listener says of every key's LISTEN."""
+    return None
+
+
 class PostgresDriver(Driver):
     """Messages and groups in PostgreSQL tables; wake-ups by targeted LISTEN/NOTIFY."""
 
@@ -277,12 +282,12 @@ class PostgresDriver(Driver):
         pool, ops = self._running()
         batch = tuple(envelopes)
         inbound = self._inbound
-        if inbound is not None:
-            # Our own listener skips our own notifications: a key we hand on from
-            # notifications must be claimed from the table again to see this push.
-            for env in batch:
-                if env.key != env.channel:
-                    inbound.own_push(env.key)
+        assert inbound is not None  # made by open(), like the pool
+        # Our own listener skips our own notifications: a key we hand on from notifications
+        # must be claimed from the table again to see this push.
+        for env in batch:
+            if env.key != env.channel:
+                inbound.own_push(env.key)
         # Not replayable after a lost connection: the commit may have happened.
         return await pool.run(
             lambda conn: ops.run_push(conn, batch, now, self._token),
@@ -295,31 +300,29 @@ class PostgresDriver(Driver):
         if not wanted:
             return []
         pool, ops = self._running()
-        listener, inbound = self._listener, self._inbound
-        if listener is None or inbound is None:
-            rows = await pool.run(
-                lambda conn: ops.run_claim(conn, wanted, now), doing="claiming messages"
-            )
-            if inbound is None:
-                return [message for _, message in rows]
-            # No listener here, but a sibling instance of this process may have handed some of
-            # these rows on already, or hold them from notifications: the record decides.
-            return inbound.claimed({}, wanted, rows, lambda _: None)
-        listener.watch(request.key for request in wanted)
-        # Trusted keys are served from their notifications (see .inbound), the rest claimed.
+        inbound = self._inbound
+        assert inbound is not None  # made by open(), like the pool
+        listener = self._listener
         served: list[Claimed] = []
-        rest: list[ClaimRequest] = []
-        for request in wanted:
-            got = inbound.serve(request, now)
-            if got is None:
-                rest.append(request)
-            else:
-                served.extend(got)
-        if served:
-            self._schedule_deletes()
-        if not rest:
-            return served
-        ticket = inbound.ticket([r.key for r in rest], listener.listening)
+        rest = wanted
+        if listener is not None:
+            listener.watch(request.key for request in wanted)
+            # Trusted keys are served from their notifications (see .inbound), the rest
+            # claimed. Without a listener nothing is trusted, but the claim still goes through
+            # the process-wide record: a sibling instance may have handed some rows on.
+            rest = []
+            for request in wanted:
+                got = inbound.serve(request, now)
+                if got is None:
+                    rest.append(request)
+                else:
+                    served.extend(got)
+            if served:
+                self._schedule_deletes()
+            if not rest:
+                return served
+        listening = listener.listening if listener is not None else _not_listening
+        ticket = inbound.ticket([r.key for r in rest], listening)
         try:
             rows = await pool.run(
                 lambda conn: ops.run_claim(conn, rest, now), doing="claiming messages"
@@ -341,7 +344,7 @@ class PostgresDriver(Driver):
                 exc_info=True,
             )
             return served
-        return served + inbound.claimed(ticket, rest, rows, listener.listening)
+        return served + inbound.claimed(ticket, rest, rows, listening)
 
     def _schedule_deletes(self) -> None:
         if self._deleting is None or self._deleting.done():

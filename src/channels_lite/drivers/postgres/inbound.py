@@ -75,14 +75,13 @@ class Delivered:
         None when that cannot be told any more (its channel's record was forgotten).
         """
         with self._lock:
-            high = self._high.get((key, channel))
-            if high is not None:
-                return row_id <= high
-            return None if row_id <= self._floor.get(key, 0) else False
+            return self._seen(key, channel, row_id)
 
-    def record(self, key: str, channel: str, row_id: int) -> None:
-        with self._lock:
-            self._record(key, channel, row_id)
+    def _seen(self, key: str, channel: str, row_id: int) -> bool | None:
+        high = self._high.get((key, channel))
+        if high is not None:
+            return row_id <= high
+        return None if row_id <= self._floor.get(key, 0) else False
 
     def _record(self, key: str, channel: str, row_id: int) -> None:
         pair = (key, channel)
@@ -103,22 +102,21 @@ class Delivered:
         instances hearing the same notification never both get it.
         """
         with self._lock:
-            high = self._high.get((key, channel))
-            if high is not None:
-                if row_id <= high:
-                    return False
-            elif row_id <= self._floor.get(key, 0):
-                return None
+            seen = self._seen(key, channel, row_id)
+            if seen is not False:
+                return None if seen is None else False
             self._record(key, channel, row_id)
             self._taken.add(row_id)
             return True
 
-    def claimed(self, row_id: int) -> bool:
-        """A claim removed row ``row_id``: False when it was handed on already (drop it)."""
+    def claimed(self, key: str, channel: str, row_id: int) -> bool:
+        """A claim removed row ``row_id``: False when it was handed on already (drop it);
+        otherwise it is recorded as delivered."""
         with self._lock:
             if row_id in self._taken:
                 self._taken.discard(row_id)
                 return False
+            self._record(key, channel, row_id)
             return True
 
     def deleted(self, ids: Sequence[int]) -> None:
@@ -229,7 +227,6 @@ class Inbound:
         """Every chain breaks (a lost LISTEN connection, a flush)."""
         for key in set(self._trusted) | set(self._held):
             self.break_chain(key)
-        self._trusted.clear()
 
     def forget(self, keys: set[str]) -> None:
         """No longer listened on (idle keys)."""
@@ -287,10 +284,10 @@ class Inbound:
         """Before a claim is sent: the keys it may establish trust for."""
         ticket: _Ticket = {}
         for key in keys:
-            self._breaks.setdefault(key, 0)
+            breaks = self._breaks.setdefault(key, 0)
             connection = listening(key)
             if connection is not None:
-                ticket[key] = (self._breaks.get(key, 0), connection)
+                ticket[key] = (breaks, connection)
         return ticket
 
     def claimed(
@@ -307,9 +304,8 @@ class Inbound:
             counts[message.key] = counts.get(message.key, 0) + 1
             if message.channel != message.key:
                 self._process_keys.add(message.key)
-                if not self.delivered.claimed(row_id):
+                if not self.delivered.claimed(message.key, message.channel, row_id):
                     continue
-                self.delivered.record(message.key, message.channel, row_id)
             out.append(message)
         for request in requests:
             key = request.key

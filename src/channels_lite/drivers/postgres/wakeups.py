@@ -242,10 +242,6 @@ class Listener:
     async def _serve(self, conn: psycopg.AsyncConnection[Any]) -> None:
         assert self._changed is not None
         self._lost = False
-        if self._inbound is not None:
-            # Whatever was trusted before this connection (an earlier listener of this driver
-            # instance, say) missed what was sent in between.
-            self._inbound.reset()
         conn.add_notify_handler(self._notified_in_command)
         await self._apply(conn)
         # Anything committed while we were not listening (first start, or a reconnect after a
