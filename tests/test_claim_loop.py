@@ -194,3 +194,43 @@ async def test_normal_channel_fast_path_never_overtakes_a_stored_message(
             assert second == {"n": [round_, 2]}
     finally:
         await layer.close()
+
+
+async def test_a_draining_claim_loop_defers_notifications_and_lets_them_through_to_wait(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Claims that keep finding messages defer change notifications (the next round claims
+    anyway); before the loop waits it lets them through, so a commit by another process
+    afterwards still wakes it. The safety-net poll is an hour here: only the notification
+    can deliver the last message in time."""
+    from channels_lite.core import receiver
+
+    calls: list[bool] = []
+    original = SQLiteDriver.defer_changes
+
+    def spy(self: SQLiteDriver, defer: bool) -> None:
+        calls.append(defer)
+        original(self, defer)
+
+    monkeypatch.setattr(SQLiteDriver, "defer_changes", spy)
+    path = str(tmp_path / "db.sqlite3")
+    layer = ChannelLayer(driver="sqlite", path=path, poll_interval=3600)
+    other = ChannelLayer(driver="sqlite", path=path)
+    try:
+        burst = 2 * receiver._DEFER_AFTER
+        for n in range(burst):
+            await other.send("jobs", {"n": n})
+        assert [await layer.receive("jobs") for _ in range(burst)] == [
+            {"n": n} for n in range(burst)
+        ]
+        assert True in calls, "the claim loop never deferred while draining"
+        waiting = asyncio.ensure_future(layer.receive("jobs"))
+        claimer = layer._claimer
+        assert claimer is not None
+        await _until(lambda: calls[-1] is False, "notifications let through before waiting")
+        assert not waiting.done()
+        await other.send("jobs", {"n": burst})
+        assert await asyncio.wait_for(waiting, GUARD) == {"n": burst}
+    finally:
+        await other.close()
+        await layer.close()

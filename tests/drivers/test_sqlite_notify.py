@@ -266,3 +266,54 @@ async def test_visible_changes_gives_up_on_own_writes_and_passes_unknowns() -> N
     blind()
     blind()
     assert calls == [1, 1], "no inline connection: every event is passed on"
+
+
+@linux_only
+async def test_deferred_notifications_arrive_once_let_through(
+    driver: SQLiteDriver, db_path: Path
+) -> None:
+    """While the core defers notifications the watcher does not read the kernel's events
+    (no listener call, however many loop turns); they are queued, not lost, and the first
+    turn after ``defer_changes(False)`` passes the commit on."""
+    fired, listener, _ = event_listener()
+    driver.add_change_listener(listener)
+    watcher = driver._watcher
+    assert isinstance(watcher, notify.InotifyWatcher)
+    # Control: undeferred, a commit elsewhere reaches the listener within a few loop turns
+    # (its event is queued before commit_elsewhere returns).
+    commit_elsewhere(db_path)
+    await asyncio.wait_for(fired.wait(), GUARD)
+    fired.clear()
+    driver.defer_changes(True)
+    driver.defer_changes(True)  # idempotent
+    commit_elsewhere(db_path)
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert not fired.is_set(), "a deferred notification was delivered"
+    driver.defer_changes(False)
+    driver.defer_changes(False)
+    await asyncio.wait_for(fired.wait(), GUARD)
+    driver.remove_change_listener(listener)
+
+
+@linux_only
+async def test_a_watcher_started_while_deferred_starts_deferred(
+    driver: SQLiteDriver, db_path: Path
+) -> None:
+    """Deferral set before any listener exists applies to the watcher started later, and
+    closing a deferred watcher releases its descriptor cleanly."""
+    driver.defer_changes(True)
+    fired, listener, _ = event_listener()
+    driver.add_change_listener(listener)
+    watcher = driver._watcher
+    assert isinstance(watcher, notify.InotifyWatcher)
+    commit_elsewhere(db_path)
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert not fired.is_set()
+    driver.defer_changes(False)
+    await asyncio.wait_for(fired.wait(), GUARD)
+    driver.defer_changes(True)
+    driver.remove_change_listener(listener)
+    await driver._listeners.settle()
+    assert watcher._fd is None

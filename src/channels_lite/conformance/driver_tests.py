@@ -21,6 +21,7 @@ from channels_lite.drivers.base import (
     ChangeNotifier,
     Claimed,
     ClaimRequest,
+    DefersChanges,
     Driver,
     DriverConfigError,
     DriverFeatures,
@@ -1086,6 +1087,34 @@ class DriverTests(ConformanceFixtures):
         finally:
             notifier.remove_change_listener(kept.set)
         assert removed_calls == []
+
+    @pytest.mark.asyncio
+    async def test_driver_deferred_notifications_are_not_lost(
+        self, driver: Driver, sibling: Driver
+    ) -> None:
+        """A change committed while notifications are deferred is still notified once they
+        are let through (DefersChanges: deferred, never dropped); deferring is idempotent."""
+        notifier = _notifier(driver)
+        if not isinstance(driver, DefersChanges):
+            pytest.skip(
+                f"driver {driver.name!r} does not implement the optional DefersChanges "
+                "protocol (the core then hears of every change)"
+            )
+        fired = asyncio.Event()
+        notifier.add_change_listener(fired.set)
+        try:
+            driver.defer_changes(True)
+            driver.defer_changes(True)
+            await sibling.push([envelope("wake", b"x")], NOW)
+            for _ in range(5):
+                await asyncio.sleep(0)
+            # Deferring is permission, not obligation: a call while deferred counts too.
+            driver.defer_changes(False)
+            driver.defer_changes(False)
+            await asyncio.wait_for(fired.wait(), GUARD)
+        finally:
+            driver.defer_changes(False)
+            notifier.remove_change_listener(fired.set)
 
     # ---------------------------------------------------------------- cross-process
 

@@ -12,7 +12,14 @@ import asyncio
 import logging
 from collections.abc import Callable, Iterable
 
-from ..drivers.base import ChangeNotifier, Claimed, ClaimRequest, Driver, DriverError
+from ..drivers.base import (
+    ChangeNotifier,
+    Claimed,
+    ClaimRequest,
+    DefersChanges,
+    Driver,
+    DriverError,
+)
 from .cadence import Backoff, Wakeup
 from .inbox import Inbox
 from .ratelimit import RateLimitedLog
@@ -30,6 +37,8 @@ _RECHECK_WINDOW = sum(_RECHECKS)
 #: Messages claimed per process key in one round.
 CLAIM_BATCH = 100
 #: Wait after a failed claim, doubling up to the ceiling while storage keeps failing.
+#: Consecutive claim rounds that found messages before change notifications are deferred.
+_DEFER_AFTER = 8
 _RETRY_FIRST = 0.1
 _RETRY_CEILING = 5.0
 
@@ -70,6 +79,9 @@ class ClaimLoop:
         self._distrust_until = 0.0
         #: Parked: nobody waits, and only a wake() starts the next claim.
         self.parked = False
+        self._deferrer: DefersChanges | None = None
+        self._deferring = False
+        self._hot_rounds = 0
         self.task: asyncio.Task[None] = loop.create_task(self._run(), name="channels-lite claim")
 
     def alive(self) -> bool:
@@ -109,12 +121,34 @@ class ClaimLoop:
         notifier = self.driver if isinstance(self.driver, ChangeNotifier) else None
         if notifier is not None:
             notifier.add_change_listener(self._on_change)
+            if isinstance(notifier, DefersChanges):
+                self._deferrer = notifier
         try:
             await self._claim_forever(trust_clean=notifier is not None)
         finally:
             self.clean.clear()
+            self._defer(False)
+            self._deferrer = None
             if notifier is not None:
                 notifier.remove_change_listener(self._on_change)
+
+    def _defer(self, defer: bool) -> None:
+        """Hold change notifications back while claims keep finding messages (the next round
+        claims anyway); let them through before any wait. Deferred notifications arrive when
+        let through, so a key wrongly marked clean meanwhile is cleared then, before the loop
+        relies on it (it only does so while waiting or parked)."""
+        if not defer:
+            self._hot_rounds = 0
+        deferrer = self._deferrer
+        if deferrer is not None and defer != self._deferring:
+            self._deferring = defer
+            try:
+                deferrer.defer_changes(defer)
+            except Exception:
+                # Only an optimisation: a driver failing at it is not asked again (so this
+                # logs once per claim loop) and keeps calling its listeners.
+                logger.exception("channels-lite: %r failed to defer notifications", deferrer)
+                self._deferrer = None
 
     async def _claim_forever(self, *, trust_clean: bool) -> None:
         retry = _RETRY_FIRST
@@ -123,6 +157,7 @@ class ClaimLoop:
             requests = self.inbox.requests(CLAIM_BATCH)
             if not requests:
                 # Nobody waits: park until a receiver arrives (it wakes us).
+                self._defer(False)
                 self.parked = True
                 try:
                     await self.wakeup.wait(None)
@@ -140,6 +175,7 @@ class ClaimLoop:
             except DriverError:
                 # Receivers keep waiting; the claim loop must outlive a storage outage.
                 _failures.exception("claim", "channels-lite: claiming messages failed; retrying")
+                self._defer(False)
                 await self.wakeup.wait(retry)
                 retry = min(retry * 2, _RETRY_CEILING)
                 continue
@@ -157,12 +193,16 @@ class ClaimLoop:
             if task is not None and task.cancelling():
                 raise asyncio.CancelledError
             if not claimed:
+                self._defer(False)
                 if self._rechecks and self.loop.time() < self._distrust_until:
                     delay, self._rechecks = self._rechecks[0], self._rechecks[1:]
                     await self.wakeup.wait(delay)
                 else:
                     await self.wakeup.wait(self.backoff.next())
             else:
+                self._hot_rounds += 1
+                if self._hot_rounds >= _DEFER_AFTER:
+                    self._defer(True)
                 # A driver may claim without suspending (SQLite inline): let the receivers
                 # just handed messages run before the next round.
                 await asyncio.sleep(0)

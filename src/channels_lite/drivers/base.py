@@ -47,6 +47,7 @@ __all__ = [
     "ChangeNotifier",
     "ClaimRequest",
     "Claimed",
+    "DefersChanges",
     "Driver",
     "DriverConfigError",
     "DriverError",
@@ -258,6 +259,27 @@ class ChangeNotifier(Protocol):
     def add_change_listener(self, callback: Callable[[], None]) -> None: ...
 
     def remove_change_listener(self, callback: Callable[[], None]) -> None: ...
+
+
+@runtime_checkable
+class DefersChanges(Protocol):
+    """Optional, beside :class:`ChangeNotifier`: the core says when notifications are useless.
+
+    While its claims keep returning messages, the core claims again at once anyway, and a
+    notification per commit of every other process is pure cost (with several processes
+    draining one channel, reading and checking them took a quarter of each process's CPU).
+    ``defer_changes(True)`` allows the driver to hold its listeners' calls back;
+    ``defer_changes(False)`` ends that. Invariants:
+
+    - Deferred, never dropped: a change committed while deferred that would have been
+      notified is still notified, after ``defer_changes(False)`` (at once, or as soon as the
+      change is visible), on the instance's loop as usual.
+    - Cheap and idempotent: the core may call it twice per claim round, with the same value
+      many times in a row. Called on the loop the instance was opened on.
+    - Deferring is permission, not obligation: a driver may keep calling listeners.
+    """
+
+    def defer_changes(self, defer: bool) -> None: ...
 
 
 @runtime_checkable

@@ -161,6 +161,7 @@ class SQLiteDriver(Driver):
         self._listeners = ChangeListeners(logger)
         self._watcher: Watcher | None = None
         self._visible: VisibleChanges | None = None
+        self._deferring = False
 
     def describe(self) -> str:
         return f"sqlite at {self.path}"
@@ -341,6 +342,13 @@ class SQLiteDriver(Driver):
             loop = self._loop or asyncio.get_running_loop()
             self._listeners.stop_in_background(loop, watcher.stop())
 
+    # -- DefersChanges ----------------------------------------------------------------------
+
+    def defer_changes(self, defer: bool) -> None:
+        self._deferring = defer
+        if self._watcher is not None:
+            self._watcher.defer(defer)
+
     def _start_watcher(self) -> None:
         if self._loop is None or self._conn is None:
             return
@@ -349,6 +357,7 @@ class SQLiteDriver(Driver):
             self._loop, self.path, self.timeout, self._listeners.notify, on_file_event=visible
         )
         self._visible = visible if isinstance(self._watcher, InotifyWatcher) else None
+        self._watcher.defer(self._deferring)
 
     def _stop_visible(self) -> None:
         visible, self._visible = self._visible, None

@@ -56,6 +56,13 @@ class Watcher(abc.ABC):
     async def stop(self) -> None:
         """Stop watching and release the file descriptor, task or connection."""
 
+    def defer(self, deferred: bool) -> None:  # noqa: B027 - optional; the default is right
+        """Hold ``on_change`` back while ``deferred``; pass on what came once it is not.
+
+        See :class:`~channels_lite.drivers.base.DefersChanges`. The default keeps calling
+        (the data_version poller: its check every 5 ms is cheap).
+        """
+
 
 @functools.cache
 def _inotify() -> tuple[Callable[[int], int], Callable[[int, bytes, int], int]]:
@@ -99,6 +106,19 @@ class InotifyWatcher(Watcher):
             os.close(fd)
             raise
         self._fd: int | None = fd
+        self._deferred = False
+
+    def defer(self, deferred: bool) -> None:
+        # Not reading is enough: the kernel keeps queueing events (or one overflow event)
+        # for the watch, and the reader finds them at once when it is back.
+        fd = self._fd
+        if fd is None or deferred == self._deferred or self._loop.is_closed():
+            return
+        self._deferred = deferred
+        if deferred:
+            self._loop.remove_reader(fd)
+        else:
+            self._loop.add_reader(fd, self._readable)
 
     def _readable(self) -> None:
         fd = self._fd
@@ -141,7 +161,7 @@ class InotifyWatcher(Watcher):
         fd, self._fd = self._fd, None
         if fd is None:
             return
-        if not self._loop.is_closed():
+        if not self._loop.is_closed() and not self._deferred:
             self._loop.remove_reader(fd)
         os.close(fd)
 
