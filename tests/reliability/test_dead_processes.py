@@ -131,8 +131,20 @@ def _write_lock_free(db: str) -> bool:
 
 
 def _stopped(pid: int) -> bool:
-    with open(f"/proc/{pid}/stat") as fh:
-        return fh.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
+    """Every thread of ``pid`` is stopped. /proc/PID/stat shows the main thread only, and the
+    others stop one by one: a worker thread inside a system call (SQLite taking its write
+    lock with fcntl) finishes it first. Checking the lock as soon as the main thread stopped
+    could find it free a moment before that thread took it, stopped holding it, and blocked
+    every writer for the whole test (its hang guard fired in 3 of ~10 full-suite runs)."""
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/stat") as fh:
+                state = fh.read().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            continue  # the thread ended meanwhile
+        if state not in ("T", "t"):
+            return False
+    return True
 
 
 def stop_outside_a_write(pid: int, db: str) -> None:
@@ -165,7 +177,10 @@ async def test_suspended_process_is_reaped_and_says_so(
     try:
         stopped_at = time.monotonic()
         while sleeper["channels"][0] in await members(survivor, GROUPS[0]):
-            assert time.monotonic() - stopped_at < 10 * TIMEOUT  # a hang guard; see the test above
+            # A hang guard; see the test above. Says whether a stopped thread holds the lock.
+            assert time.monotonic() - stopped_at < 10 * TIMEOUT, (
+                f"not reaped in {10 * TIMEOUT:g} s; write lock free now: {_write_lock_free(db)}"
+            )
             await asyncio.sleep(0.05)
     finally:
         os.kill(sleeper["pid"], signal.SIGCONT)
