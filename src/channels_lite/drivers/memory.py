@@ -165,21 +165,22 @@ class MemoryDriver(Driver):
                 if not rows or request.limit <= 0:
                     continue
                 taken = 0
-                kept: deque[_Row] = deque()
-                while rows:
+                # Walk only as far as the claim needs: rows past it stay where they are (a
+                # walk to the end made draining a deep queue quadratic).
+                skipped: list[_Row] = []
+                while rows and taken < request.limit:
                     row = rows.popleft()
                     if row.expires_at <= now:
                         self._decrement(row.channel)
                         continue
-                    if taken >= request.limit or row.channel in request.exclude:
-                        kept.append(row)
+                    if row.channel in request.exclude:
+                        skipped.append(row)
                         continue
                     out.append(Claimed(row.channel, row.key, row.payload, row.expires_at))
                     self._decrement(row.channel)
                     taken += 1
-                if kept:
-                    store.by_key[request.key] = kept
-                else:
+                rows.extendleft(reversed(skipped))
+                if not rows:
                     store.by_key.pop(request.key, None)
         return out
 
