@@ -330,6 +330,35 @@ async def test_empty_claim_does_not_wait_for_lock(driver: SQLiteDriver, db_path:
         blocker.close()
 
 
+async def test_claim_that_filled_its_limit_skips_the_next_precheck(
+    driver: SQLiteDriver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A key whose claim filled its limit probably holds more: its next claim goes straight
+    to the write transaction. A claim that came back short brings the read-only check back,
+    and a wrong guess only costs an empty write transaction."""
+    from channels_lite.drivers.sqlite import ops
+
+    checked: list[str] = []
+    original = ops.has_claimable
+
+    def spy(raw: sqlite3.Connection, t: object, request: ClaimRequest, now: float) -> bool:
+        checked.append(request.key)
+        return original(raw, t, request, now)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ops, "has_claimable", spy)
+    await driver.push([env("q", b"%d" % n) for n in range(3)], NOW)
+    assert [c.payload for c in await driver.claim([ClaimRequest("q", 2)], NOW)] == [b"0", b"1"]
+    assert checked == ["q"]
+    assert [c.payload for c in await driver.claim([ClaimRequest("q", 2)], NOW)] == [b"2"]
+    assert checked == ["q"], "the claim after a full one checked first"
+    assert await driver.claim([ClaimRequest("q", 2)], NOW) == []
+    assert checked == ["q", "q"], "a short claim did not bring the check back"
+    await driver.push([env("q", b"3")], NOW)
+    assert [c.payload for c in await driver.claim([ClaimRequest("q", 1)], NOW)] == [b"3"]
+    assert await driver.claim([ClaimRequest("q", 1)], NOW) == []  # the wrong guess: empty
+    assert checked == ["q", "q", "q"]
+
+
 # -------------------------------------------------------------------------------- concurrency
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from channels_lite.drivers.base import Claimed, ClaimRequest, Envelope, StorageStats
 from channels_lite.drivers.sqlite.connection import check_file, immediate, snapshot
@@ -105,9 +105,19 @@ def claim(
     now: float,
     *,
     precheck: bool = True,
+    likely: Collection[str] = (),
 ) -> list[Claimed]:
+    """Claim for every request in one write transaction.
+
+    With ``precheck``, a request is first checked with a read (:func:`has_claimable`) and
+    left out if it has nothing, so an empty poll never takes the write lock; except for keys
+    in ``likely`` (the caller's guess that messages are waiting there, e.g. the last claim
+    filled its limit), where the read would only add to the work.
+    """
     wanted = [
-        r for r in requests if r.limit > 0 and (not precheck or has_claimable(raw, t, r, now))
+        r
+        for r in requests
+        if r.limit > 0 and (not precheck or r.key in likely or has_claimable(raw, t, r, now))
     ]
     if not wanted:
         # Nothing to claim in this file: make sure it is still the file at the path.
