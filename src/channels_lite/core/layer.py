@@ -48,10 +48,10 @@ _CLAIMER_CHECK = 1.0
 _UNBOUNDED = 2**62
 
 
-def _reraise_if_cancelled() -> None:
+def _reraise_if_cancelled(loop: asyncio.AbstractEventLoop | None = None) -> None:
     # Drivers may finish a call whose task was cancelled mid-flight, so that nothing is lost
     # (Driver.push, Driver.claim); the cancellation is honoured here, once the result is safe.
-    task = asyncio.current_task()
+    task = asyncio.current_task(loop)
     if task is not None and task.cancelling():
         raise asyncio.CancelledError
 
@@ -128,8 +128,12 @@ class ChannelLayer(BaseChannelLayer):  # type: ignore[misc]
 
     # -- plumbing -------------------------------------------------------------------------
 
-    async def _driver(self) -> Driver:
-        driver = await self._drivers.driver()
+    async def _driver(self, loop: asyncio.AbstractEventLoop | None = None) -> Driver:
+        # ``loop``: the running loop, when the caller has it already. On Python 3.11 every
+        # asyncio.get_running_loop() is a getpid() system call; the hot paths ask once.
+        if loop is None:
+            loop = asyncio.get_running_loop()
+        driver = await self._drivers.driver(loop)
         if not self._announced:
             self._announced = True
             logger.info(
@@ -138,7 +142,7 @@ class ChannelLayer(BaseChannelLayer):  # type: ignore[misc]
                 driver.name,
                 driver.describe(),
             )
-        self._ensure_upkeep(asyncio.get_running_loop(), driver)
+        self._ensure_upkeep(loop, driver)
         return driver
 
     def _ensure_upkeep(self, loop: asyncio.AbstractEventLoop, driver: Driver) -> None:
@@ -307,7 +311,8 @@ class ChannelLayer(BaseChannelLayer):  # type: ignore[misc]
             await asyncio.sleep(0)
             if self._hand_to_local_receiver(channel, payload):
                 return
-        await self._driver()
+        loop = asyncio.get_running_loop()
+        await self._driver(loop)
         now = self._clock()
         envelope = Envelope(
             channel,
@@ -316,9 +321,9 @@ class ChannelLayer(BaseChannelLayer):  # type: ignore[misc]
             now + self.settings.expiry,
             self.settings.capacity.for_channel(channel),
         )
-        batcher = self._drivers.state(asyncio.get_running_loop()).batcher(self._clock)
+        batcher = self._drivers.state(loop).batcher(self._clock)
         stored = await batcher.push(envelope)
-        _reraise_if_cancelled()
+        _reraise_if_cancelled(loop)
         if not stored:
             raise ChannelFull(f"channel {channel!r} is at capacity ({envelope.capacity})")
         self._wake_for({key})
@@ -353,7 +358,7 @@ class ChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         key = naming.routing_key(channel)
         loop = asyncio.get_running_loop()
         try:
-            driver = await self._driver()
+            driver = await self._driver(loop)
         except asyncio.CancelledError:
             if self._inbox.depart(channel, self._clock()):
                 self._arm_closing(loop, self.settings.consumer_grace)
@@ -362,11 +367,11 @@ class ChannelLayer(BaseChannelLayer):  # type: ignore[misc]
             got, wake = self._inbox.take_or_wait(channel, key, self._clock(), loop)
             claimer = self._claimer
             if claimer is None or not claimer.alive():
-                self._ensure_claimer(loop, driver).wake()
+                self._ensure_claimer(loop, driver).wake(loop)
             elif wake and (key not in claimer.clean or claimer.parked):
                 # A parked claim loop claims nothing until woken: "clean" saves a claim only
                 # to a loop that polls anyway.
-                claimer.wake()
+                claimer.wake(loop)
             if isinstance(got, Claimed):
                 claimed = got
             else:

@@ -74,8 +74,8 @@ class LoopDrivers:
                 self._hook(loop)
         return state
 
-    async def driver(self) -> Driver:
-        loop = asyncio.get_running_loop()
+    async def driver(self, loop: asyncio.AbstractEventLoop) -> Driver:
+        """The ready driver of ``loop``, the running loop."""
         if len(self._states) > 1:
             await self.reap_closed()
         return await self.state(loop).ready()

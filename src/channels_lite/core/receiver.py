@@ -87,8 +87,12 @@ class ClaimLoop:
     def alive(self) -> bool:
         return not self.task.done() and not self._stopping and self.loop.is_running()
 
-    def wake(self) -> None:
-        self.wakeup.set_threadsafe()
+    def wake(self, running: asyncio.AbstractEventLoop | None = None) -> None:
+        """Wake the loop from any thread; ``running``: the caller's running loop, if known."""
+        if running is self.loop:
+            self.wakeup.set()
+        else:
+            self.wakeup.set_threadsafe()
 
     def _on_change(self) -> None:
         self._generation += 1
@@ -189,7 +193,7 @@ class ClaimLoop:
             # Not right after a notification: what it announced may not be visible yet.
             if trust_clean and generation == self._generation and began >= self._distrust_until:
                 self._mark_clean(requests, claimed)
-            task = asyncio.current_task()
+            task = asyncio.current_task(self.loop)
             if task is not None and task.cancelling():
                 raise asyncio.CancelledError
             if not claimed:

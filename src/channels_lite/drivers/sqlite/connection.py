@@ -10,6 +10,7 @@ import os
 import random
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
 from urllib.parse import quote
@@ -606,9 +607,10 @@ class Connection:
         lock, or anything else fails, the worker runs ``fn`` as above. Only for short ``fn``:
         it blocks the event loop while it runs. Nothing can cancel it halfway.
         """
-        loop = asyncio.get_running_loop()
         if inline:
-            give_up = loop.time() + INLINE_BUSY_WINDOW
+            # time.monotonic() is the default loop's clock; asyncio.get_running_loop() would
+            # be a getpid() system call on Python 3.11, on the path every send and claim takes.
+            give_up = time.monotonic() + INLINE_BUSY_WINDOW
             while True:
                 raw = None if self._checkpointing else await self._inline_connection()
                 if raw is None:
@@ -616,7 +618,7 @@ class Connection:
                 try:
                     return self._run_inline(raw, fn)
                 except _Fallback as exc:
-                    if not is_busy(exc.__cause__ or exc) or loop.time() >= give_up:
+                    if not is_busy(exc.__cause__ or exc) or time.monotonic() >= give_up:
                         self.inline_fallbacks += 1
                         break
                 # Another connection holds the write lock, typically for a transaction of
@@ -625,6 +627,7 @@ class Connection:
                 self.inline_busy_turns += 1
                 _yield_cpu()
                 await asyncio.sleep(0)
+        loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
         backoff = _FIRST_BACKOFF
         attempts = 0
