@@ -130,6 +130,24 @@ def _write_lock_free(db: str) -> bool:
         conn.close()
 
 
+def _leases(db: str) -> str:
+    """The lease table against the clock, for a failure message."""
+    conn = sqlite3.connect(db)
+    try:
+        now = time.time()
+        rows = conn.execute("SELECT key, expires_at FROM channels_lite_processes").fetchall()
+        return "leases " + ", ".join(f"{key} {expires - now:+.1f} s" for key, expires in rows)
+    finally:
+        conn.close()
+
+
+def _upkeep_state(layer: ChannelLayer) -> str:
+    upkeep = layer._upkeep
+    if upkeep is None:
+        return "none"
+    return f"alive={upkeep.alive()} task={upkeep.task!r}"
+
+
 def _stopped(pid: int) -> bool:
     """Every thread of ``pid`` is stopped. /proc/PID/stat shows the main thread only, and the
     others stop one by one: a worker thread inside a system call (SQLite taking its write
@@ -179,7 +197,8 @@ async def test_suspended_process_is_reaped_and_says_so(
         while sleeper["channels"][0] in await members(survivor, GROUPS[0]):
             # A hang guard; see the test above. Says whether a stopped thread holds the lock.
             assert time.monotonic() - stopped_at < 10 * TIMEOUT, (
-                f"not reaped in {10 * TIMEOUT:g} s; write lock free now: {_write_lock_free(db)}"
+                f"not reaped in {10 * TIMEOUT:g} s; write lock free now: {_write_lock_free(db)}; "
+                f"{_leases(db)}; survivor upkeep {_upkeep_state(survivor)}"
             )
             await asyncio.sleep(0.05)
     finally:
