@@ -15,6 +15,7 @@ channels. These tests use ``process_timeout=2`` s (docs/reliability.md).
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import sqlite3
@@ -184,11 +185,12 @@ def stop_outside_a_write(pid: int, db: str) -> None:
 
 
 async def test_suspended_process_is_reaped_and_says_so(
-    children: Children, survivor: ChannelLayer, db: str
+    children: Children, survivor: ChannelLayer, db: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A process stopped (SIGSTOP) for longer than process_timeout is indistinguishable from a
     dead one: it is reaped. When it resumes, it logs an ERROR saying its memberships were
     removed and its consumers must join again; joining again works."""
+    caplog.set_level(logging.DEBUG, logger="channels_lite")
     children.start("sleeper", workers.group_member, db, GROUPS[:1], TIMEOUT, 1)
     sleeper = await expect(children, "members", "sleeper")
     await asyncio.to_thread(stop_outside_a_write, sleeper["pid"], db)
@@ -198,7 +200,8 @@ async def test_suspended_process_is_reaped_and_says_so(
             # A hang guard; see the test above. Says whether a stopped thread holds the lock.
             assert time.monotonic() - stopped_at < 10 * TIMEOUT, (
                 f"not reaped in {10 * TIMEOUT:g} s; write lock free now: {_write_lock_free(db)}; "
-                f"{_leases(db)}; survivor upkeep {_upkeep_state(survivor)}"
+                f"{_leases(db)}; survivor upkeep {_upkeep_state(survivor)}; survivor log "
+                f"{[r.getMessage()[:200] for r in caplog.records[-15:]]}"
             )
             await asyncio.sleep(0.05)
     finally:
