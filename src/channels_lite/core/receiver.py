@@ -36,9 +36,10 @@ _RECHECKS = (0.002, 0.004, 0.008, 0.016, 0.032)
 _RECHECK_WINDOW = sum(_RECHECKS)
 #: Messages claimed per process key in one round.
 CLAIM_BATCH = 100
-#: Wait after a failed claim, doubling up to the ceiling while storage keeps failing.
-#: Consecutive claim rounds that found messages before change notifications are deferred.
+#: Consecutive claim rounds that found messages before change notifications are deferred
+#: (deferring at every such round cost the single-process scenarios their speed).
 _DEFER_AFTER = 8
+#: Wait after a failed claim, doubling up to the ceiling while storage keeps failing.
 _RETRY_FIRST = 0.1
 _RETRY_CEILING = 5.0
 

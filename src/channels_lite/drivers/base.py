@@ -266,8 +266,8 @@ class DefersChanges(Protocol):
     """Optional, beside :class:`ChangeNotifier`: the core says when notifications are useless.
 
     While its claims keep returning messages, the core claims again at once anyway, and a
-    notification per commit of every other process is pure cost (with several processes
-    draining one channel, reading and checking them took a quarter of each process's CPU).
+    notification per commit of every other process is pure cost (with three processes
+    draining one SQLite channel, reading and checking them cost about a sixth of the rate).
     ``defer_changes(True)`` allows the driver to hold its listeners' calls back;
     ``defer_changes(False)`` ends that. Invariants:
 
