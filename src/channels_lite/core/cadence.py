@@ -45,11 +45,14 @@ class Wakeup:
         if sleeper is not None and not sleeper.done():
             sleeper.set_result(None)
 
-    def set_threadsafe(self) -> None:
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
+    def set_threadsafe(self, running: asyncio.AbstractEventLoop | None = None) -> None:
+        """``running``: the caller's running loop when it has it at hand (looking it up is a
+        getpid() system call on Python 3.11); looked up otherwise."""
+        if running is None:
+            try:
+                running = asyncio.get_running_loop()
+            except RuntimeError:
+                running = None
         if running is self.loop:
             self.set()
             return

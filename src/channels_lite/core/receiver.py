@@ -90,10 +90,7 @@ class ClaimLoop:
 
     def wake(self, running: asyncio.AbstractEventLoop | None = None) -> None:
         """Wake the loop from any thread; ``running``: the caller's running loop, if known."""
-        if running is self.loop:
-            self.wakeup.set()
-        else:
-            self.wakeup.set_threadsafe()
+        self.wakeup.set_threadsafe(running)
 
     def _on_change(self) -> None:
         self._generation += 1
