@@ -25,6 +25,7 @@ import pytest
 from channels.exceptions import ChannelFull, InvalidChannelLayerError, MessageTooLarge
 
 from channels_lite import ChannelLayer, ConfigurationError
+from channels_lite.core import naming
 from channels_lite.drivers.base import Driver, SupportsLiveness
 
 from ._support import (
@@ -1407,6 +1408,22 @@ class LayerTests(ConformanceFixtures):
         assert await claim(driver, "deadproc!", now=clock()) == []
         await survivor.group_send("room", {"type": "alive"})
         assert await recv(survivor, mine) == {"type": "alive"}
+
+    @pytest.mark.asyncio
+    async def test_lease_is_stored_before_the_first_channel_is_handed_out(
+        self, driver: Driver, make_layer: MakeLayer
+    ) -> None:
+        """SPEC 20: once ``new_channel`` returned, the process's lease is in storage, so a
+        process killed right after joining a group is reaped like any other (no window in
+        which its membership would outlive it until group_expiry)."""
+        if not isinstance(driver, SupportsLiveness):
+            pytest.skip("driver has no SupportsLiveness: dead members go at group_expiry")
+        clock = ManualClock()
+        doomed = make_layer(clock=clock, process_timeout=0.4)
+        channel = await doomed.new_channel()
+        # Straight away: the layer's background renewals have had no chance to run yet.
+        reaped = await driver.heartbeat("other!", clock() + 100, clock() + 0.4)
+        assert reaped == [naming.routing_key(channel)]
 
     # ================================================================ groups (SPEC 21)
 

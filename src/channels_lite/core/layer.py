@@ -30,7 +30,7 @@ from .inbox import Inbox
 from .loops import LoopDrivers
 from .ratelimit import RateLimitedLog
 from .receiver import ClaimLoop
-from .upkeep import Upkeep
+from .upkeep import Upkeep, renew_lease
 
 logger = logging.getLogger("channels_lite.core.layer")
 
@@ -96,6 +96,8 @@ class ChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         self.client_id = naming.new_client_id()
         self._process_key = f"{self.client_id}!"
         self._made_channels = False
+        # This process's lease is in storage (taken by the first new_channel).
+        self._leased = False
         self._inbox = Inbox(
             settings.capacity.for_channel,
             self._orphan,
@@ -410,15 +412,28 @@ class ChannelLayer(BaseChannelLayer):  # type: ignore[misc]
             self._arm_closing(loop, max(due - self._clock(), 0.001))
 
     async def new_channel(self, prefix: str = "specific") -> str:
-        """A new process-specific channel name, ``<prefix>.<client>!<unique>``."""
+        """A new process-specific channel name, ``<prefix>.<client>!<unique>``.
+
+        The first one also takes this process's lease in storage (when the driver keeps
+        leases), before the name is handed out: a process killed right after putting its
+        channel in a group must already hold the lease by whose lapse others remove that
+        membership. So that first call may raise the driver's errors.
+        """
         naming.check_prefix(prefix)
         name = naming.new_channel_name(prefix, self.client_id)
-        self._inbox.open(name, self._clock())
-        if not self._made_channels:
+        if not self._leased:
             self._made_channels = True
+            driver = await self._driver()
+            if isinstance(driver, SupportsLiveness):
+                await renew_lease(
+                    driver, self._process_key, self._clock(), self.settings.process_timeout
+                )
+            self._leased = True
+            # Its first round schedules the renewals (it skips them while there are no channels).
             upkeep = self._upkeep
             if upkeep is not None:
                 upkeep.wake()
+        self._inbox.open(name, self._clock())
         return name
 
     async def group_add(self, group: str, channel: str) -> None:
@@ -491,6 +506,8 @@ class ChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         for layer in list(_layers):
             if layer is self or layer._primary.describe() == storage:
                 layer._inbox.clear()
+                # flush() removed the leases too: the next new_channel takes it again at once.
+                layer._leased = False
 
     async def close(self) -> None:
         """Stop background work and close every driver instance. The layer can be reused."""
@@ -511,6 +528,7 @@ class ChannelLayer(BaseChannelLayer):  # type: ignore[misc]
             if isinstance(driver, SupportsLiveness):
                 await driver.release(self._process_key)
             self._made_channels = False
+            self._leased = False
         await self._drivers.close_all()
 
     async def close_pools(self) -> None:

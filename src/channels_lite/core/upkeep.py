@@ -21,6 +21,19 @@ logger = logging.getLogger("channels_lite.core.upkeep")
 _failures = RateLimitedLog(logger, interval=300.0)
 
 
+async def renew_lease(
+    liveness: SupportsLiveness, key: str, now: float, process_timeout: float
+) -> None:
+    """Take or renew ``key``'s lease until ``now + process_timeout``, and reap the processes
+    whose lease lapsed a whole ``process_timeout`` before ``now``."""
+    # Reap only leases that lapsed that long ago: after the database stalls (a lock held by a
+    # stopped process, a suspended machine), every live process gets that long to renew before
+    # anyone counts it dead.
+    dead = await liveness.heartbeat(key, now + process_timeout, now - process_timeout)
+    if dead:
+        logger.info("channels-lite: reaped %d dead process(es): %s", len(dead), dead)
+
+
 class Upkeep:
     def __init__(
         self,
@@ -68,21 +81,11 @@ class Upkeep:
                 # Set before the call: a broken database must not turn this into a busy loop.
                 next_beat = now + beat_every
                 try:
-                    # Reap only leases that lapsed a whole process_timeout ago: after the database
-                    # stalls (a lock held by a stopped process, a suspended machine), every
-                    # live process gets that long to renew before anyone counts it dead.
-                    dead = await liveness.heartbeat(
-                        key, now + self.process_timeout, now - self.process_timeout
-                    )
+                    await renew_lease(liveness, key, now, self.process_timeout)
                 except DriverError:
                     _failures.exception(
                         "heartbeat", "channels-lite: renewing the process lease failed"
                     )
-                else:
-                    if dead:
-                        logger.info(
-                            "channels-lite: reaped %d dead process(es): %s", len(dead), dead
-                        )
             if now >= next_purge:
                 next_purge = now + self.purge_interval
                 try:
