@@ -234,3 +234,48 @@ async def test_a_draining_claim_loop_defers_notifications_and_lets_them_through_
     finally:
         await other.close()
         await layer.close()
+
+
+async def test_a_claim_that_drained_every_key_is_not_repeated_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A claim that found messages, but fewer than asked for every key, leaves nothing
+    behind: the loop waits for news (a notification, a local push, a receiver coming back)
+    instead of claiming again right away, ahead of the receivers it just handed messages."""
+    claims: list[int] = []
+    original = SQLiteDriver.claim
+
+    async def spy(
+        self: SQLiteDriver, requests: Sequence[ClaimRequest], now: float
+    ) -> list[Claimed]:
+        got = await original(self, requests, now)
+        claims.append(len(got))
+        return got
+
+    monkeypatch.setattr(SQLiteDriver, "claim", spy)
+    path = str(tmp_path / "db.sqlite3")
+    layer = ChannelLayer(driver="sqlite", path=path, poll_interval=3600)
+    other = ChannelLayer(driver="sqlite", path=path)
+    try:
+        channel = await layer.new_channel()
+        # Another consumer of this process keeps waiting throughout, as in any server.
+        idle = asyncio.ensure_future(layer.receive(await layer.new_channel()))
+        waiting = asyncio.ensure_future(layer.receive(channel))
+        await _until(lambda: bool(claims), "the first claim (nothing there yet)")
+        await other.send(channel, {"n": 1})
+        assert await asyncio.wait_for(waiting, GUARD) == {"n": 1}
+        assert claims[-1] == 1, "an empty claim ran before the receiver got its message"
+        after = len(claims)
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert len(claims) == after, "claimed again with nothing new to look for"
+        # A receiver coming back wakes it (the key is not known to be empty).
+        again = asyncio.ensure_future(layer.receive(channel))
+        await _until(lambda: len(claims) > after, "a claim for the receiver that came back")
+        await other.send(channel, {"n": 2})
+        assert await asyncio.wait_for(again, GUARD) == {"n": 2}
+        idle.cancel()
+        await asyncio.gather(idle, return_exceptions=True)
+    finally:
+        await other.close()
+        await layer.close()

@@ -317,3 +317,47 @@ async def test_a_watcher_started_while_deferred_starts_deferred(
     driver.remove_change_listener(listener)
     await driver._listeners.settle()
     assert watcher._fd is None
+
+
+async def test_a_key_that_the_last_announced_commit_filled_skips_the_precheck(
+    driver: SQLiteDriver, db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two processes talking: when a notification comes and the last one was followed by
+    messages for a key, the claim goes straight to its write transaction. A claim with no
+    notification since keeps the read-only check; a guess that finds nothing ends it."""
+    from channels_lite.drivers.base import ClaimRequest
+    from channels_lite.drivers.sqlite import ops
+
+    checked: list[str] = []
+    original = ops.has_claimable
+
+    def spy(raw: sqlite3.Connection, t: object, request: ClaimRequest, now: float) -> bool:
+        checked.append(request.key)
+        return original(raw, t, request, now)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ops, "has_claimable", spy)
+    fired, listener, _ = event_listener()
+    driver.add_change_listener(listener)
+    request = [ClaimRequest("k", 8)]
+
+    async def announced(channel: str) -> None:
+        fired.clear()
+        await asyncio.to_thread(commit_elsewhere, db_path, channel)
+        await asyncio.wait_for(fired.wait(), GUARD)
+
+    assert await driver.claim(request, NOW) == []  # opens the connection; nothing announced
+    await announced("k")
+    assert [m.channel for m in await driver.claim(request, NOW)] == ["k"]
+    assert checked == ["k", "k"], "no hit yet: the first announced claim checks"
+    await announced("k")
+    assert [m.channel for m in await driver.claim(request, NOW)] == ["k"]
+    assert checked == ["k", "k"], "the last announcement filled 'k': no check"
+    assert await driver.claim(request, NOW) == []
+    assert checked == ["k", "k", "k"], "nothing announced since: the check is back"
+    await announced("elsewhere")
+    assert await driver.claim(request, NOW) == []  # the guess, wrong: an empty write
+    assert checked == ["k", "k", "k"]
+    await announced("elsewhere")
+    assert await driver.claim(request, NOW) == []
+    assert checked == ["k", "k", "k", "k"], "a wrong guess did not end the guessing"
+    driver.remove_change_listener(listener)

@@ -44,6 +44,14 @@ _RETRY_FIRST = 0.1
 _RETRY_CEILING = 5.0
 
 
+def _filled(requests: list[ClaimRequest], claimed: list[Claimed]) -> bool:
+    """Some key gave as many messages as asked for: it may hold more."""
+    counts: dict[str, int] = {}
+    for message in claimed:
+        counts[message.key] = counts.get(message.key, 0) + 1
+    return any(counts.get(request.key, 0) >= request.limit for request in requests)
+
+
 class ClaimLoop:
     def __init__(
         self,
@@ -201,6 +209,14 @@ class ClaimLoop:
                     await self.wakeup.wait(delay)
                 else:
                     await self.wakeup.wait(self.backoff.next())
+            elif not _filled(requests, claimed):
+                # Storage held less than was asked for every key: another round now would
+                # find nothing new, and run before the receivers just handed messages (the
+                # round trip from their receive() to the code awaiting it takes more than one
+                # loop turn). What could arrive meanwhile wakes us: a change notification, a
+                # local push, a receiver coming back for a key not marked clean.
+                self._defer(False)
+                await self.wakeup.wait(self.backoff.next())
             else:
                 self._hot_rounds += 1
                 if self._hot_rounds >= _DEFER_AFTER:

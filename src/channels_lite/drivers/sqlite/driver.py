@@ -168,6 +168,10 @@ class SQLiteDriver(Driver):
         self._deferring = False
         #: Keys whose last claim filled its limit (see claim).
         self._likely: set[str] = set()
+        #: Keys whose last claim after a change notification found messages, and whether a
+        #: notification came since the last claim (see claim).
+        self._hits: set[str] = set()
+        self._changed = False
 
     def describe(self) -> str:
         return f"sqlite at {self.path}"
@@ -252,7 +256,12 @@ class SQLiteDriver(Driver):
             return []
         batch = tuple(requests)
         precheck = self.claim_precheck
-        likely = frozenset(self._likely)
+        after_change, self._changed = self._changed, False
+        # A key that another process's commit filled the last time one was announced is
+        # probably the one this announcement is for (two processes talking): the read-only
+        # check would only delay its message. A miss costs one empty write transaction,
+        # and ends the guess.
+        likely = frozenset(self._likely | self._hits) if after_change else frozenset(self._likely)
         claimed = await self._connection().run(
             lambda raw: ops.claim(raw, self.tables, batch, now, precheck=precheck, likely=likely),
             doing="claiming messages",
@@ -273,6 +282,15 @@ class SQLiteDriver(Driver):
                 likely_now.discard(request.key)
         if len(likely_now) > _MAX_LIKELY:
             likely_now.clear()  # keys nobody claims any more; a guess costs little anyway
+        if after_change:
+            hits = self._hits
+            for request in batch:
+                if taken.get(request.key, 0):
+                    hits.add(request.key)
+                else:
+                    hits.discard(request.key)
+            if len(hits) > _MAX_LIKELY:
+                hits.clear()
         return claimed
 
     async def group_add(self, group: str, channel: str, key: str, expires_at: float) -> None:
@@ -374,12 +392,16 @@ class SQLiteDriver(Driver):
     def _start_watcher(self) -> None:
         if self._loop is None or self._conn is None:
             return
-        visible = VisibleChanges(self._loop, self._conn.data_version, self._listeners.notify)
+        visible = VisibleChanges(self._loop, self._conn.data_version, self._notify)
         self._watcher = start_watcher(
-            self._loop, self.path, self.timeout, self._listeners.notify, on_file_event=visible
+            self._loop, self.path, self.timeout, self._notify, on_file_event=visible
         )
         self._visible = visible if isinstance(self._watcher, InotifyWatcher) else None
         self._watcher.defer(self._deferring)
+
+    def _notify(self) -> None:
+        self._changed = True
+        self._listeners.notify()
 
     def _stop_visible(self) -> None:
         visible, self._visible = self._visible, None
@@ -393,4 +415,4 @@ class SQLiteDriver(Driver):
             old, self._watcher = self._watcher, None
             self._listeners.stop_in_background(asyncio.get_running_loop(), old.stop())
             self._start_watcher()
-        self._listeners.notify()  # the new file may hold messages nobody was told about
+        self._notify()  # the new file may hold messages nobody was told about

@@ -125,7 +125,9 @@ class InotifyWatcher(Watcher):
         if fd is None:
             return
         relevant = False
-        # Drain everything pending so that a burst of commits costs one wake-up.
+        # Drain everything pending so that a burst of commits costs one wake-up; a read that
+        # did not fill the buffer took all there was (a later event makes the fd readable
+        # again), which spares a system call that would only say EAGAIN.
         while True:
             try:
                 data = os.read(fd, _READ_SIZE)
@@ -135,9 +137,9 @@ class InotifyWatcher(Watcher):
                 logger.warning("reading inotify events failed: %s; stopping wake-ups", exc)
                 self._close_fd()
                 return
-            if not data:
-                break
             relevant = self._scan(data) or relevant
+            if len(data) < _READ_SIZE:
+                break
         if relevant:
             self._on_change()
 
