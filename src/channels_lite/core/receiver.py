@@ -202,21 +202,20 @@ class ClaimLoop:
             task = asyncio.current_task(self.loop)
             if task is not None and task.cancelling():
                 raise asyncio.CancelledError
-            if not claimed:
+            if not claimed or not _filled(requests, claimed):
+                # Storage held less than was asked for every key. Another round right away
+                # would find nothing new, and (after a claim that found messages) run before
+                # the receivers just handed them: the trip from their receive() to the code
+                # awaiting it takes more than one loop turn. What could arrive meanwhile wakes
+                # us (a change notification, a local push, a receiver coming back for a key not
+                # marked clean), and the rechecks still look for a commit announced before it
+                # was visible.
                 self._defer(False)
                 if self._rechecks and self.loop.time() < self._distrust_until:
                     delay, self._rechecks = self._rechecks[0], self._rechecks[1:]
                     await self.wakeup.wait(delay)
                 else:
                     await self.wakeup.wait(self.backoff.next())
-            elif not _filled(requests, claimed):
-                # Storage held less than was asked for every key: another round now would
-                # find nothing new, and run before the receivers just handed messages (the
-                # round trip from their receive() to the code awaiting it takes more than one
-                # loop turn). What could arrive meanwhile wakes us: a change notification, a
-                # local push, a receiver coming back for a key not marked clean.
-                self._defer(False)
-                await self.wakeup.wait(self.backoff.next())
             else:
                 self._hot_rounds += 1
                 if self._hot_rounds >= _DEFER_AFTER:
