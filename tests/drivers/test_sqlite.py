@@ -331,21 +331,12 @@ async def test_empty_claim_does_not_wait_for_lock(driver: SQLiteDriver, db_path:
 
 
 async def test_claim_that_filled_its_limit_skips_the_next_precheck(
-    driver: SQLiteDriver, monkeypatch: pytest.MonkeyPatch
+    driver: SQLiteDriver, prechecked: list[str]
 ) -> None:
     """A key whose claim filled its limit probably holds more: its next claim goes straight
     to the write transaction. A claim that came back short brings the read-only check back,
     and a wrong guess only costs an empty write transaction."""
-    from channels_lite.drivers.sqlite import ops
-
-    checked: list[str] = []
-    original = ops.has_claimable
-
-    def spy(raw: sqlite3.Connection, t: object, request: ClaimRequest, now: float) -> bool:
-        checked.append(request.key)
-        return original(raw, t, request, now)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(ops, "has_claimable", spy)
+    checked = prechecked
     await driver.push([env("q", b"%d" % n) for n in range(3)], NOW)
     assert [c.payload for c in await driver.claim([ClaimRequest("q", 2)], NOW)] == [b"0", b"1"]
     assert checked == ["q"]

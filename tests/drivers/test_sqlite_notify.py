@@ -320,22 +320,14 @@ async def test_a_watcher_started_while_deferred_starts_deferred(
 
 
 async def test_a_key_that_the_last_announced_commit_filled_skips_the_precheck(
-    driver: SQLiteDriver, db_path: Path, monkeypatch: pytest.MonkeyPatch
+    driver: SQLiteDriver, db_path: Path, prechecked: list[str]
 ) -> None:
     """Two processes talking: when a notification comes and the last one was followed by
     messages for a key, the claim goes straight to its write transaction. A claim with no
     notification since keeps the read-only check; a guess that finds nothing ends it."""
     from channels_lite.drivers.base import ClaimRequest
-    from channels_lite.drivers.sqlite import ops
 
-    checked: list[str] = []
-    original = ops.has_claimable
-
-    def spy(raw: sqlite3.Connection, t: object, request: ClaimRequest, now: float) -> bool:
-        checked.append(request.key)
-        return original(raw, t, request, now)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(ops, "has_claimable", spy)
+    checked = prechecked
     fired, listener, _ = event_listener()
     driver.add_change_listener(listener)
     request = [ClaimRequest("k", 8)]
