@@ -44,12 +44,11 @@ _RETRY_FIRST = 0.1
 _RETRY_CEILING = 5.0
 
 
-def _filled(requests: list[ClaimRequest], claimed: list[Claimed]) -> bool:
-    """Some key gave as many messages as asked for: it may hold more."""
+def _per_key(claimed: list[Claimed]) -> dict[str, int]:
     counts: dict[str, int] = {}
     for message in claimed:
         counts[message.key] = counts.get(message.key, 0) + 1
-    return any(counts.get(request.key, 0) >= request.limit for request in requests)
+    return counts
 
 
 class ClaimLoop:
@@ -196,13 +195,16 @@ class ClaimLoop:
                 )
                 self.inbox.deliver(claimed, now, self.loop)
                 self.backoff.reset()
+            counts = _per_key(claimed)
             # Not right after a notification: what it announced may not be visible yet.
             if trust_clean and generation == self._generation and began >= self._distrust_until:
-                self._mark_clean(requests, claimed)
+                self._mark_clean(requests, counts)
             task = asyncio.current_task(self.loop)
             if task is not None and task.cancelling():
                 raise asyncio.CancelledError
-            if not claimed or not _filled(requests, claimed):
+            # Some key gave as many messages as asked for: it may hold more.
+            filled = any(counts.get(r.key, 0) >= r.limit for r in requests)
+            if not claimed or not filled:
                 # Storage held less than was asked for every key. Another round right away
                 # would find nothing new, and (after a claim that found messages) run before
                 # the receivers just handed them: the trip from their receive() to the code
@@ -224,10 +226,8 @@ class ClaimLoop:
                 # just handed messages run before the next round.
                 await asyncio.sleep(0)
 
-    def _mark_clean(self, requests: list[ClaimRequest], claimed: list[Claimed]) -> None:
-        counts: dict[str, int] = {}
-        for message in claimed:
-            counts[message.key] = counts.get(message.key, 0) + 1
+    def _mark_clean(self, requests: list[ClaimRequest], counts: dict[str, int]) -> None:
+        """``counts``: messages the claim gave per key."""
         for request in requests:
             if counts.get(request.key, 0) < request.limit and not request.exclude:
                 self.clean.add(request.key)
