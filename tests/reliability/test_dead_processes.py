@@ -153,9 +153,9 @@ def _stopped(pid: int) -> bool:
     """Every thread of ``pid`` is stopped. /proc/PID/stat shows the main thread only, and the
     others stop one by one: a worker thread inside a system call (SQLite taking its write
     lock with fcntl) finishes it first, so a lock check as soon as the main thread stopped
-    could find the lock free a moment before that thread took it. (This was suspected of the
-    test's occasional hang; the hang happened again with this check, with the lock free:
-    the guard's message now says what the leases and the survivor were doing.)"""
+    could find the lock free a moment before that thread took it. (The test's occasional hang
+    had another cause, which the guard's message showed: the sleeper was stopped before its
+    first lease was written; new_channel() now writes it.)"""
     for task in os.listdir(f"/proc/{pid}/task"):
         try:
             with open(f"/proc/{pid}/task/{task}/stat") as fh:
