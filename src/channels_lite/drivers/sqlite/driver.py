@@ -274,23 +274,23 @@ class SQLiteDriver(Driver):
         taken: dict[str, int] = {}
         for message in claimed:
             taken[message.key] = taken.get(message.key, 0) + 1
-        likely_now = self._likely
+        likely_now, hits = self._likely, self._hits
         for request in batch:
-            if request.limit > 0 and taken.get(request.key, 0) >= request.limit:
+            got = taken.get(request.key, 0)
+            if request.limit > 0 and got >= request.limit:
                 likely_now.add(request.key)
             else:
                 likely_now.discard(request.key)
-        if len(likely_now) > _MAX_LIKELY:
-            likely_now.clear()  # keys nobody claims any more; a guess costs little anyway
-        if after_change:
-            hits = self._hits
-            for request in batch:
-                if taken.get(request.key, 0):
+            if after_change:
+                if got:
                     hits.add(request.key)
                 else:
                     hits.discard(request.key)
-            if len(hits) > _MAX_LIKELY:
-                hits.clear()
+        # Keys nobody claims any more pile up otherwise; a guess costs little anyway.
+        if len(likely_now) > _MAX_LIKELY:
+            likely_now.clear()
+        if len(hits) > _MAX_LIKELY:
+            hits.clear()
         return claimed
 
     async def group_add(self, group: str, channel: str, key: str, expires_at: float) -> None:
