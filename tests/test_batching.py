@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
 from channels.exceptions import ChannelFull
 
 from channels_lite import ChannelLayer
-from channels_lite.drivers.base import Driver
+from channels_lite.core import batching
+from channels_lite.drivers.base import Driver, Envelope
 from channels_lite.drivers.sqlite import SQLiteDriver
 
 
@@ -49,5 +51,34 @@ async def test_cancelled_queued_send_is_not_stored(tmp_path: Path) -> None:
         await layer.send("jobs", {"n": 2})
         assert (await layer.receive("jobs"))["n"] == 0
         assert (await layer.receive("jobs"))["n"] == 2
+    finally:
+        await layer.close()
+
+
+@pytest.mark.parametrize("quiet", [True, False], ids=["after-a-quiet-spell", "right-after-a-push"])
+async def test_loop_turn_before_a_push_only_when_others_may_join(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, quiet: bool
+) -> None:
+    """A send right after another push lets the loop turn first (senders ready in that turn
+    join it); a send after a quiet spell pushes at once (it is almost surely alone, and the
+    turn would only add to its latency)."""
+    order: list[str] = []
+    original = SQLiteDriver.push
+
+    async def spy(self: SQLiteDriver, envelopes: Sequence[Envelope], now: float) -> list[bool]:
+        order.append("push")
+        return await original(self, envelopes, now)
+
+    layer = ChannelLayer(driver="sqlite", path=str(tmp_path / "db.sqlite3"))
+    try:
+        await layer.send("warm-up", {})  # the driver is open: no await before the push below
+        monkeypatch.setattr(SQLiteDriver, "push", spy)
+        loop = asyncio.get_running_loop()
+        batcher = layer._drivers.state(loop).batcher(layer._clock)
+        batcher._last_end = float("-inf") if quiet else time.monotonic() + batching.QUIET
+        loop.call_soon(order.append, "loop turn")
+        await layer.send("jobs", {"n": 1})
+        assert order[0] == ("push" if quiet else "loop turn")
+        assert (await layer.receive("jobs"))["n"] == 1
     finally:
         await layer.close()

@@ -45,6 +45,7 @@ from rel_parent import NOBODY, Children, as_unprivileged, write_lock_held  # noq
 from channels_lite import ChannelLayer  # noqa: E402
 from channels_lite.core.ratelimit import RateLimitedLog  # noqa: E402
 from channels_lite.drivers.base import DriverError  # noqa: E402
+from channels_lite.drivers.sqlite import SQLiteDriver  # noqa: E402
 
 posix_only = pytest.mark.skipif(sys.platform == "win32", reason="POSIX semantics")
 GUARD = 30.0
@@ -590,14 +591,29 @@ async def test_directory_removed_while_running(
 
 
 @posix_only
-async def test_closing_a_connection_to_a_deleted_file_spares_the_new_one(tmp_path: Path) -> None:
+async def test_closing_a_connection_to_a_deleted_file_spares_the_new_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A process closes its layer right after its database was deleted, before using it
     again. The last connection to a WAL database normally checkpoints it and deletes
     ``-wal``/``-shm`` by name, and those names now belong to the new database another process
     created: SQLite must see that the file moved and leave them alone."""
+    purged = asyncio.Event()
+    original = SQLiteDriver.purge
+
+    async def purge(self: SQLiteDriver, now: float) -> int:
+        removed = await original(self, now)
+        purged.set()
+        return removed
+
+    monkeypatch.setattr(SQLiteDriver, "purge", purge)
     path = str(tmp_path / "db.sqlite3")
     old = ChannelLayer(driver="sqlite", path=path)
     await old.send(WORK, {"n": "in-the-deleted-file"})
+    # Its upkeep's first round (a purge, right after the first use) is over: nothing of the
+    # old layer uses the file again before close(). Had it run after the deletion, it would
+    # rightly have carried the message over to the new file.
+    await asyncio.wait_for(purged.wait(), GUARD)
     for suffix in ("", "-wal", "-shm"):
         os.unlink(path + suffix)
     new = ChannelLayer(driver="sqlite", path=path)

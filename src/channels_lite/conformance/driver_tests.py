@@ -12,7 +12,7 @@ import itertools
 import os
 import threading
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable
 from typing import Any, TypeVar
 
 import pytest
@@ -25,6 +25,7 @@ from channels_lite.drivers.base import (
     Driver,
     DriverConfigError,
     DriverFeatures,
+    Peeks,
     StorageStats,
     SupportsLiveness,
     SupportsStats,
@@ -68,6 +69,28 @@ def _stats(driver: Driver) -> SupportsStats:
             f"driver {driver.name!r} does not implement the optional SupportsStats protocol"
         )
     return driver
+
+
+def _peeks(driver: Driver) -> Peeks:
+    if not isinstance(driver, Peeks):
+        pytest.skip(
+            f"driver {driver.name!r} does not implement the optional Peeks protocol (the "
+            "core then claims its own process's messages like any others)"
+        )
+    return driver
+
+
+async def _peek(
+    driver: Peeks,
+    key: str,
+    *,
+    now: float = NOW,
+    limit: int = 10_000,
+    exclude: frozenset[str] = frozenset(),
+    held: frozenset[Hashable] = frozenset(),
+) -> list[tuple[Hashable, Claimed]]:
+    """One peek for one key."""
+    return await driver.peek([ClaimRequest(key=key, limit=limit, exclude=exclude)], now, held)
 
 
 def _notifier(driver: Driver) -> ChangeNotifier:
@@ -896,6 +919,104 @@ class DriverTests(ConformanceFixtures):
         await driver.group_add("g", "c", "c", LATER)
         assert _payloads(await claim(driver, "c")) == [b"y"]
         assert await driver.group_channels("g", NOW) == ["c"]
+
+    # ---------------------------------------------------------------- optional: peeks
+
+    @pytest.mark.asyncio
+    async def test_driver_peek_leaves_messages_stored(
+        self, driver: Driver, sibling: Driver
+    ) -> None:
+        """peek returns messages oldest first, each with a hashable receipt, and changes
+        nothing: peeking again returns the same, and a claim (here by a sibling) still gets
+        them all."""
+        peeks = _peeks(driver)
+        await driver.push([envelope("p.k!1", b"%d" % n, key="k!") for n in range(3)], NOW)
+        first = await _peek(peeks, "k!")
+        assert [m.payload for _, m in first] == [b"0", b"1", b"2"]
+        assert all(m.key == "k!" and m.channel == "p.k!1" for _, m in first)
+        assert len({hash(receipt) for receipt, _ in first}) == 3
+        second = await _peek(peeks, "k!")
+        assert [receipt for receipt, _ in second] == [receipt for receipt, _ in first]
+        assert _payloads(await claim(sibling, "k!")) == [b"0", b"1", b"2"]
+        assert await _peek(peeks, "k!") == []
+
+    @pytest.mark.asyncio
+    async def test_driver_peek_skips_held_honours_limit_and_exclude(self, driver: Driver) -> None:
+        """Held receipts are skipped and do not count against the limit; excluded channels
+        are skipped; other keys are never returned."""
+        peeks = _peeks(driver)
+        await driver.push(
+            [envelope(f"p.k!{n % 2}", b"%d" % n, key="k!") for n in range(6)]
+            + [envelope("p.other!0", b"other", key="other!")],
+            NOW,
+        )
+        head = await _peek(peeks, "k!", limit=2)
+        assert [m.payload for _, m in head] == [b"0", b"1"]
+        held = frozenset(receipt for receipt, _ in head)
+        nxt = await _peek(peeks, "k!", limit=2, held=held)
+        assert [m.payload for _, m in nxt] == [b"2", b"3"]
+        only_even = await _peek(peeks, "k!", held=held, exclude=frozenset({"p.k!1"}))
+        assert [m.payload for _, m in only_even] == [b"2", b"4"]
+        assert await peeks.peek([ClaimRequest(key="k!", limit=0)], NOW, frozenset()) == []
+
+    @pytest.mark.asyncio
+    async def test_driver_peek_never_returns_expired(self, driver: Driver) -> None:
+        """Expiry as for claim: ``expires_at <= now`` is never returned."""
+        peeks = _peeks(driver)
+        await driver.push(
+            [
+                envelope("p.k!1", b"old", key="k!", expires_at=NOW + 1),
+                envelope("p.k!1", b"new", key="k!", expires_at=NOW + 2),
+            ],
+            NOW,
+        )
+        assert [m.payload for _, m in await _peek(peeks, "k!", now=NOW + 1)] == [b"new"]
+        assert await _peek(peeks, "k!", now=NOW + 2) == []
+
+    @pytest.mark.asyncio
+    async def test_driver_remove_deletes_exactly_the_peeked(
+        self, driver: Driver, sibling: Driver
+    ) -> None:
+        """remove deletes the messages of its receipts and nothing else; removing again,
+        or from a sibling, is harmless."""
+        peeks = _peeks(driver)
+        await driver.push([envelope("p.k!1", b"%d" % n, key="k!") for n in range(4)], NOW)
+        head = await _peek(peeks, "k!", limit=2)
+        receipts = [receipt for receipt, _ in head]
+        await peeks.remove(receipts)
+        await peeks.remove(receipts)
+        await _peeks(sibling).remove(receipts)
+        assert [m.payload for _, m in await _peek(peeks, "k!")] == [b"2", b"3"]
+        assert _payloads(await claim(driver, "k!")) == [b"2", b"3"]
+        await peeks.remove([])
+
+    @pytest.mark.asyncio
+    async def test_driver_remove_spares_a_message_stored_later(self, driver: Driver) -> None:
+        """A receipt whose message went another way (claimed, flushed) never removes a message
+        stored afterwards, even one on the same channel with the same expiry, stored at the
+        same ``now`` into emptied storage (where a row id may be handed out again)."""
+        peeks = _peeks(driver)
+        await driver.push([envelope("p.k!1", b"first", key="k!")], NOW)
+        ((receipt, _),) = await _peek(peeks, "k!")
+        await driver.flush()
+        await driver.push([envelope("p.k!1", b"second", key="k!")], NOW)
+        await peeks.remove([receipt])
+        assert _payloads(await claim(driver, "k!")) == [b"second"]
+        await driver.push([envelope("p.k!1", b"third", key="k!")], NOW)
+        await peeks.remove([receipt])
+        assert _payloads(await claim(driver, "k!")) == [b"third"]
+
+    @pytest.mark.asyncio
+    async def test_driver_peeked_messages_count_until_removed(self, driver: Driver) -> None:
+        """A peeked message still occupies its channel's capacity; removing frees it."""
+        peeks = _peeks(driver)
+        full = [envelope("p.k!1", b"%d" % n, key="k!", capacity=2) for n in range(2)]
+        assert await driver.push(full, NOW) == [True, True]
+        peeked = await _peek(peeks, "k!")
+        assert await driver.push([envelope("p.k!1", b"x", key="k!", capacity=2)], NOW) == [False]
+        await peeks.remove([receipt for receipt, _ in peeked])
+        assert await driver.push([envelope("p.k!1", b"y", key="k!", capacity=2)], NOW) == [True]
+        assert _payloads(await claim(driver, "k!")) == [b"y"]
 
     # ---------------------------------------------------------------- optional: liveness
 

@@ -212,8 +212,10 @@ class Inbox:
                     out.append(ClaimRequest(key, count))
             return out
 
-    def deliver(self, messages: list[Claimed], now: float, loop: asyncio.AbstractEventLoop) -> None:
-        """Hand claimed messages to waiters (oldest waiter first) or buffer them."""
+    def deliver(self, messages: list[Claimed], now: float, loop: asyncio.AbstractEventLoop) -> int:
+        """Hand claimed messages to waiters (oldest waiter first) or buffer them; return how
+        many went straight to a waiter."""
+        handed = 0
         with self._lock:
             if self._closing:
                 self._close_due(now)
@@ -222,6 +224,7 @@ class Inbox:
                     self.dropped_expired += 1
                     continue
                 if self._hand_to_waiter(message, loop):
+                    handed += 1
                     continue
                 if message.key.endswith("!"):
                     if self._keeps(message):
@@ -230,6 +233,7 @@ class Inbox:
                     # Its receiver left between the claim and now (a normal channel is claimed
                     # one message per waiter): back to storage, for any process to take.
                     self._orphan(message)
+        return handed
 
     def offer_local(
         self, message: Claimed, capacity: int, now: float, loop: asyncio.AbstractEventLoop

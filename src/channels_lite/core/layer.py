@@ -18,6 +18,7 @@ from ..drivers.base import (
     DriverConfigError,
     DriverError,
     Envelope,
+    Peeks,
     SupportsLiveness,
 )
 from ..drivers.registry import DriverLookupError, DuplicateDriverError, get_driver_class
@@ -26,6 +27,7 @@ from .cadence import Backoff
 from .codec import Codec, DecodeError, make_serializer
 from .config import LayerConfig, default_sqlite_path, parse_config
 from .errors import ConfigurationError
+from .held import Held
 from .inbox import Inbox
 from .loops import LoopDrivers
 from .ratelimit import RateLimitedLog
@@ -112,6 +114,8 @@ class ChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         self._drivers = LoopDrivers(self._primary, self._on_loop_close)
         self._tasks_lock = threading.Lock()
         self._claimer: ClaimLoop | None = None
+        # Messages of this process's channels handed on by a peek and not yet removed.
+        self._held = Held()
         self._upkeep: Upkeep | None = None
         notified = hasattr(driver_cls, "add_change_listener")
         ceiling = settings.poll_interval or (
@@ -177,6 +181,8 @@ class ChannelLayer(BaseChannelLayer):  # type: ignore[misc]
                     self._clock,
                     Backoff(*self._poll),
                     lambda claimer: self._claimer is claimer,
+                    held=self._held,
+                    own_key=self._process_key,
                 )
             return self._claimer
 
@@ -506,6 +512,7 @@ class ChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         for layer in list(_layers):
             if layer is self or layer._primary.describe() == storage:
                 layer._inbox.clear()
+                layer._held.clear()
                 # flush() removed the leases too: the next new_channel takes it again at once.
                 layer._leased = False
 
@@ -522,6 +529,8 @@ class ChannelLayer(BaseChannelLayer):  # type: ignore[misc]
                 await asyncio.gather(owner.task, return_exceptions=True)
         self._claimer = None
         self._upkeep = None
+        if len(self._held):
+            await self._remove_held(loop)
         if self._made_channels:
             state = self._drivers.state(loop)
             driver = await state.ready()
@@ -530,6 +539,25 @@ class ChannelLayer(BaseChannelLayer):  # type: ignore[misc]
             self._made_channels = False
             self._leased = False
         await self._drivers.close_all()
+
+    async def _remove_held(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Remove the messages peeked and handed on whose removal had not run yet."""
+        receipts = self._held.pending()
+        driver = await self._drivers.state(loop).ready()
+        if not isinstance(driver, Peeks):
+            return
+        try:
+            await driver.remove(receipts)
+        except DriverError as exc:
+            # They stay held (this layer never delivers them again); the lease's release,
+            # or its expiry, removes them with the rest of this process's messages.
+            logger.warning(
+                "channels-lite: could not remove %d delivered message(s) from storage on close: %s",
+                len(receipts),
+                exc,
+            )
+            return
+        self._held.removed(receipts)
 
     async def close_pools(self) -> None:
         """channels_redis's name for :meth:`close`."""

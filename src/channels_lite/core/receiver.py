@@ -19,8 +19,10 @@ from ..drivers.base import (
     DefersChanges,
     Driver,
     DriverError,
+    Peeks,
 )
 from .cadence import Backoff, Wakeup
+from .held import Held
 from .inbox import Inbox
 from .ratelimit import RateLimitedLog
 
@@ -42,6 +44,14 @@ _DEFER_AFTER = 8
 #: Wait after a failed claim, doubling up to the ceiling while storage keeps failing.
 _RETRY_FIRST = 0.1
 _RETRY_CEILING = 5.0
+#: How long peeked messages stay in storage after they were handed on. Removing them at once
+#: would put the removal's write transaction between the receiver and the code awaiting it
+#: (a receive() wrapped in wait_for() or in a consumer's dispatch task is a few loop turns
+#: away); meanwhile they still count against their channel's capacity.
+REMOVE_AFTER = 0.001
+#: Rounds in a row that handed every message straight to a waiting receiver before the claim
+#: loop peeks (see ClaimLoop._may_peek).
+_DIRECT_BEFORE_PEEK = 2
 
 
 def _per_key(claimed: list[Claimed]) -> dict[str, int]:
@@ -60,7 +70,13 @@ class ClaimLoop:
         clock: Callable[[], float],
         backoff: Backoff,
         is_current: Callable[[ClaimLoop], bool],
+        *,
+        held: Held | None = None,
+        own_key: str | None = None,
     ) -> None:
+        """``own_key``: the routing key only this process claims from (its process key);
+        with a driver that :class:`~channels_lite.drivers.base.Peeks`, rounds that claim
+        for it alone may peek, holding receipts in ``held``."""
         self.loop = loop
         self.driver = driver
         self.inbox = inbox
@@ -90,6 +106,14 @@ class ClaimLoop:
         self._deferrer: DefersChanges | None = None
         self._deferring = False
         self._hot_rounds = 0
+        self._peeker = driver if isinstance(driver, Peeks) and held is not None else None
+        self._held = held if held is not None else Held()
+        self._own_key = own_key
+        self._removal: asyncio.TimerHandle | None = None
+        self._removing: asyncio.Task[None] | None = None
+        self._remove_retry = _RETRY_FIRST
+        # Consecutive rounds whose messages all went straight to waiting receivers.
+        self._direct_rounds = 0
         self.task: asyncio.Task[None] = loop.create_task(self._run(), name="channels-lite claim")
 
     def alive(self) -> bool:
@@ -135,6 +159,11 @@ class ClaimLoop:
         try:
             await self._claim_forever(trust_clean=notifier is not None)
         finally:
+            self._cancel_removal()
+            removing = self._removing
+            if removing is not None and not removing.done():
+                # Let a removal in flight finish (the layer's close removes what is left).
+                await asyncio.wait({removing})
             self.clean.clear()
             self._defer(False)
             self._deferrer = None
@@ -179,8 +208,20 @@ class ClaimLoop:
             began = self.loop.time()
             # A driver absorbs a cancellation that arrives mid-claim and returns what it took
             # (see Driver.claim); it is re-raised here once those messages are in the inbox.
+            peeked = False
             try:
-                claimed = await self.driver.claim(requests, now)
+                if self._may_peek(requests):
+                    taken = await self._peek(requests, now)
+                    if taken is None:
+                        # Receipts left while it read: what it saw may be gone already.
+                        await asyncio.sleep(0)
+                        continue
+                    claimed, peeked = taken, True
+                else:
+                    if len(self._held):
+                        # A claim would take held messages (delivered already) again.
+                        await self._remove_held()
+                    claimed = await self.driver.claim(requests, now)
             except DriverError:
                 # Receivers keep waiting; the claim loop must outlive a storage outage.
                 _failures.exception("claim", "channels-lite: claiming messages failed; retrying")
@@ -193,8 +234,21 @@ class ClaimLoop:
                 _trace.debug(
                     "claim", "claimed %d message(s) for %d key(s)", len(claimed), len(requests)
                 )
-                self.inbox.deliver(claimed, now, self.loop)
+                handed = self.inbox.deliver(claimed, now, self.loop)
                 self.backoff.reset()
+                self._direct_rounds = self._direct_rounds + 1 if handed == len(claimed) else 0
+                if peeked and handed < len(claimed):
+                    # Some went to a buffer (or nowhere): nobody is about to run with them, and
+                    # they must stop counting against their channel's capacity now, as a
+                    # claim's would have.
+                    try:
+                        await self._remove_held()
+                    except DriverError:
+                        _failures.exception(
+                            "remove", "channels-lite: removing delivered messages failed"
+                        )
+            if len(self._held):
+                self._schedule_removal(REMOVE_AFTER)
             counts = _per_key(claimed)
             # Not right after a notification: what it announced may not be visible yet.
             if trust_clean and generation == self._generation and began >= self._distrust_until:
@@ -225,6 +279,68 @@ class ClaimLoop:
                 # A driver may claim without suspending (SQLite inline): let the receivers
                 # just handed messages run before the next round.
                 await asyncio.sleep(0)
+
+    # -- peeking -------------------------------------------------------------------------
+
+    def _may_peek(self, requests: list[ClaimRequest]) -> bool:
+        # Only while messages come one at a time to receivers that wait for them (the last
+        # rounds handed everything straight on): there a peek takes the write transaction
+        # off the message's path. Once messages pile up (some go to buffers, claims fill
+        # their limit), one write transaction per round beats a read plus a removal:
+        # measured across processes, one sender flat out to one receiver, 11.1k msgs/s
+        # peeking every round against 13.3k claiming. Only for the key no other process
+        # claims: two processes peeking one key would both deliver its messages.
+        return (
+            self._peeker is not None
+            and self._hot_rounds == 0
+            and self._direct_rounds >= _DIRECT_BEFORE_PEEK
+            and len(self._held) < CLAIM_BATCH
+            and all(request.key == self._own_key for request in requests)
+        )
+
+    async def _peek(self, requests: list[ClaimRequest], now: float) -> list[Claimed] | None:
+        assert self._peeker is not None
+        held, generation = self._held.snapshot()
+        found = await self._peeker.peek(requests, now, held)
+        return self._held.take(found, generation)
+
+    async def _remove_held(self) -> None:
+        """Remove every held message from storage (DriverError if that fails: they stay held)."""
+        receipts = self._held.pending()
+        if not receipts:
+            return
+        assert self._peeker is not None  # only a peeking claim loop's Held fills up
+        await self._peeker.remove(receipts)
+        self._held.removed(receipts)
+
+    def _schedule_removal(self, delay: float) -> None:
+        if self._removal is not None or (self._removing is not None and not self._removing.done()):
+            return
+        self._removal = self.loop.call_later(delay, self._start_removal)
+
+    def _start_removal(self) -> None:
+        self._removal = None
+        self._removing = self.loop.create_task(
+            self._remove_in_background(), name="channels-lite removal of delivered messages"
+        )
+
+    async def _remove_in_background(self) -> None:
+        try:
+            await self._remove_held()
+        except DriverError:
+            _failures.exception(
+                "remove", "channels-lite: removing delivered messages failed; retrying"
+            )
+            self._removing = None
+            self._schedule_removal(self._remove_retry)
+            self._remove_retry = min(self._remove_retry * 2, _RETRY_CEILING)
+            return
+        self._remove_retry = _RETRY_FIRST
+
+    def _cancel_removal(self) -> None:
+        timer, self._removal = self._removal, None
+        if timer is not None:
+            timer.cancel()
 
     def _mark_clean(self, requests: list[ClaimRequest], counts: dict[str, int]) -> None:
         """``counts``: messages the claim gave per key."""

@@ -39,7 +39,7 @@ surfaced while it clears within the driver's own timeout.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, Self, runtime_checkable
 
@@ -53,6 +53,7 @@ __all__ = [
     "DriverError",
     "DriverFeatures",
     "Envelope",
+    "Peeks",
     "StorageStats",
     "SupportsLiveness",
     "SupportsStats",
@@ -280,6 +281,39 @@ class DefersChanges(Protocol):
     """
 
     def defer_changes(self, defer: bool) -> None: ...
+
+
+@runtime_checkable
+class Peeks(Protocol):
+    """Optional: read messages without removing them, and remove them afterwards.
+
+    A claim's write transaction stands between a message and its receiver; a read does not.
+    The core uses this only for its own process key, which no other process claims from: it
+    hands peeked messages to their receivers at once and removes them a moment later, and it
+    never peeks a message again once it holds its receipt. Receipts are opaque, hashable
+    values that the driver chooses.
+
+    Invariants:
+
+    - ``peek`` changes nothing in storage. It returns, oldest first, up to ``request.limit``
+      unexpired messages per request routed under ``request.key``, skipping channels in
+      ``request.exclude`` and every message whose receipt is in ``held``; each with its
+      receipt. Held messages do not count against the limit.
+    - A peeked message stays claimable, countable and purgeable exactly as before, until
+      ``remove`` (or ``claim``, ``purge``, ``flush``, a reaping ``heartbeat``) deletes it.
+    - ``remove(receipts)`` deletes, in one atomic step, the messages those receipts were
+      issued for that are still stored, and nothing else: never a message stored later, even
+      where the storage reuses row ids (make the receipt carry what tells them apart).
+      Receipts of messages already gone are ignored; removing twice is harmless.
+    - ``remove`` is cancellation-safe in the sense of :meth:`Driver.push`: if it raises
+      ``CancelledError`` it may or may not have removed them, and the core calls it again.
+    """
+
+    async def peek(
+        self, requests: Sequence[ClaimRequest], now: float, held: Collection[Hashable]
+    ) -> list[tuple[Hashable, Claimed]]: ...
+
+    async def remove(self, receipts: Collection[Hashable]) -> None: ...
 
 
 @runtime_checkable

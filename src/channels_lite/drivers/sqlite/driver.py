@@ -9,8 +9,8 @@ import math
 import os
 import re
 import sqlite3
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, ClassVar
+from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
+from typing import Any, ClassVar, cast
 
 from channels_lite.drivers.base import (
     Claimed,
@@ -292,6 +292,33 @@ class SQLiteDriver(Driver):
         if len(hits) > _MAX_LIKELY:
             hits.clear()
         return claimed
+
+    # -- Peeks -------------------------------------------------------------------------------
+
+    async def peek(
+        self, requests: Sequence[ClaimRequest], now: float, held: Collection[Hashable]
+    ) -> list[tuple[Hashable, Claimed]]:
+        if not requests:
+            return []
+        batch = tuple(requests)
+        receipts = cast("Collection[ops.Receipt]", held)
+        found = await self._connection().run(
+            lambda raw: ops.peek(raw, self.tables, batch, now, receipts),
+            doing="reading messages",
+            inline=True,
+        )
+        return cast("list[tuple[Hashable, Claimed]]", found)
+
+    async def remove(self, receipts: Collection[Hashable]) -> None:
+        if not receipts:
+            return
+        rows = tuple(cast("Collection[ops.Receipt]", receipts))
+        await self._connection().run(
+            lambda raw: ops.remove(raw, self.tables, rows),
+            doing="removing delivered messages",
+            finish_on_cancel=True,
+            inline=sum(len(row[3]) for row in rows) <= _INLINE_MAX_BYTES,
+        )
 
     async def group_add(self, group: str, channel: str, key: str, expires_at: float) -> None:
         await self._connection().run(

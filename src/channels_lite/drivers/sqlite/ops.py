@@ -24,9 +24,11 @@ __all__ = [
     "group_discard",
     "has_claimable",
     "heartbeat",
+    "peek",
     "purge",
     "push",
     "release",
+    "remove",
     "stats",
 ]
 
@@ -144,6 +146,62 @@ def claim(
                 for _, channel, key, payload, expires_at in rows
             )
     return claimed
+
+
+#: What names one stored message for :func:`remove`: row id, channel, expiry and payload.
+#: SQLite hands a deleted row's id to the next insert when that row had the highest id, so
+#: the id alone could name a message stored after the peeked one was gone (by flush, or
+#: reaping); with the rest, only an identical message (same channel, payload and expiry,
+#: i.e. a clock that stood still) could be taken for it.
+Receipt = tuple[int, str, float, bytes]
+
+
+def peek(
+    raw: sqlite3.Connection,
+    t: Tables,
+    requests: Sequence[ClaimRequest],
+    now: float,
+    held: Collection[Receipt],
+) -> list[tuple[Receipt, Claimed]]:
+    """Read, without removing, what :func:`claim` would take, skipping ``held`` receipts.
+
+    Plain reads (a transaction each): no write lock, no WAL frames, which is the point (see
+    :class:`~channels_lite.drivers.base.Peeks`). Each key stands alone, so nothing asks for
+    one snapshot across them.
+    """
+    held_ids = {receipt[0] for receipt in held}
+    found: list[tuple[Receipt, Claimed]] = []
+    for request in requests:
+        if request.limit <= 0:
+            continue
+        clause, names = _not_excluded(request.exclude)
+        # Held rows are still stored (the oldest, usually): read past them.
+        rows = raw.execute(
+            f"SELECT id, channel, payload, expires_at FROM {t.messages} "
+            f"WHERE key = ? AND expires_at > ?{clause} ORDER BY id LIMIT ?",
+            (request.key, now, *names, request.limit + len(held_ids)),
+        ).fetchall()
+        taken = 0
+        for row_id, channel, payload, expires_at in rows:
+            data = bytes(payload)
+            receipt = (row_id, channel, expires_at, data)
+            if row_id in held_ids and receipt in held:
+                continue
+            found.append((receipt, Claimed(channel, request.key, data, expires_at)))
+            taken += 1
+            if taken == request.limit:
+                break
+    check_file(raw)
+    return found
+
+
+def remove(raw: sqlite3.Connection, t: Tables, receipts: Collection[Receipt]) -> None:
+    with immediate(raw):
+        raw.executemany(
+            f"DELETE FROM {t.messages} "
+            "WHERE id = ? AND channel = ? AND expires_at = ? AND payload = ?",
+            receipts,
+        )
 
 
 def group_add(

@@ -1,0 +1,273 @@
+"""The claim loop's peek path: this process's own messages handed on before they are removed.
+
+The SQLite driver :class:`~channels_lite.drivers.base.Peeks`; another layer on the same file
+plays the other process. What must hold: each message delivered once, removed from storage
+soon after (at once when it only reached a buffer), never peeked for a normal channel, and a
+failed removal never turns into a second delivery.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Collection, Hashable, Sequence
+from pathlib import Path
+
+import pytest
+
+from channels_lite import ChannelLayer
+from channels_lite.core import receiver
+from channels_lite.core.held import Held
+from channels_lite.core.naming import routing_key
+from channels_lite.drivers.base import Claimed, ClaimRequest, DriverError
+from channels_lite.drivers.sqlite import SQLiteDriver
+
+GUARD = 10.0
+
+
+async def _until(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + GUARD
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"never happened: {what}")
+        await asyncio.sleep(0.001)
+
+
+@pytest.fixture
+def calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[int]]:
+    """How many messages each peek and claim of the SQLite driver returned, and how many
+    receipts each remove was given."""
+    seen: dict[str, list[int]] = {"peek": [], "claim": [], "remove": []}
+    peek, claim, remove = SQLiteDriver.peek, SQLiteDriver.claim, SQLiteDriver.remove
+
+    async def spy_peek(
+        self: SQLiteDriver,
+        requests: Sequence[ClaimRequest],
+        now: float,
+        held: Collection[Hashable],
+    ) -> list[tuple[Hashable, Claimed]]:
+        got = await peek(self, requests, now, held)
+        seen["peek"].append(len(got))
+        return got
+
+    async def spy_claim(
+        self: SQLiteDriver, requests: Sequence[ClaimRequest], now: float
+    ) -> list[Claimed]:
+        got = await claim(self, requests, now)
+        seen["claim"].append(len(got))
+        return got
+
+    async def spy_remove(self: SQLiteDriver, receipts: Collection[Hashable]) -> None:
+        seen["remove"].append(len(receipts))
+        await remove(self, receipts)
+
+    monkeypatch.setattr(SQLiteDriver, "peek", spy_peek)
+    monkeypatch.setattr(SQLiteDriver, "claim", spy_claim)
+    monkeypatch.setattr(SQLiteDriver, "remove", spy_remove)
+    return seen
+
+
+async def _round_trip(layer: ChannelLayer, other: ChannelLayer, channel: str, n: object) -> None:
+    """``other`` sends to ``channel`` while a receiver of ``layer`` waits there."""
+    waiting = asyncio.ensure_future(layer.receive(channel))
+    await _until(lambda: layer._claimer is not None, "a claim loop")
+    await other.send(channel, {"n": n})
+    assert await asyncio.wait_for(waiting, GUARD) == {"n": n}
+
+
+async def _start_peeking(layer: ChannelLayer, other: ChannelLayer, channel: str) -> None:
+    """The claim loop peeks once its last rounds handed every message straight to a waiting
+    receiver: make those rounds happen."""
+    for _ in range(receiver._DIRECT_BEFORE_PEEK):
+        await _round_trip(layer, other, channel, "warm-up")
+    await _until(lambda: len(layer._held) == 0, "warm-up over")
+
+
+async def _stored(path: str, key: str) -> list[Claimed]:
+    """What storage holds for ``key``, read by a fresh connection (a peek changes nothing)."""
+    probe = SQLiteDriver(path=path)
+    await probe.open()
+    try:
+        return [
+            message for _, message in await probe.peek([ClaimRequest(key, 1000)], time.time(), ())
+        ]
+    finally:
+        await probe.close()
+
+
+async def test_own_messages_are_peeked_delivered_once_and_removed(
+    tmp_path: Path, calls: dict[str, list[int]]
+) -> None:
+    path = str(tmp_path / "db.sqlite3")
+    layer = ChannelLayer(driver="sqlite", path=path)
+    other = ChannelLayer(driver="sqlite", path=path)
+    try:
+        channel = await layer.new_channel()
+        for n in range(20):
+            await _round_trip(layer, other, channel, n)
+        await _until(lambda: len(layer._held) == 0, "every delivered message removed")
+        assert await _stored(path, routing_key(channel)) == []
+        # The first rounds claim (nothing says yet that messages come one at a time).
+        direct = receiver._DIRECT_BEFORE_PEEK
+        assert sum(calls["claim"]) == direct
+        assert sum(calls["peek"]) == 20 - direct, "each other message came through a peek, once"
+        assert sum(calls["remove"]) >= 20 - direct
+        # Nothing left to deliver a second time.
+        late = asyncio.ensure_future(layer.receive(channel))
+        await other.send(channel, {"n": "last"})
+        assert await asyncio.wait_for(late, GUARD) == {"n": "last"}
+    finally:
+        await other.close()
+        await layer.close()
+
+
+async def test_normal_channels_are_claimed_never_peeked(
+    tmp_path: Path, calls: dict[str, list[int]]
+) -> None:
+    """Any process may claim a normal channel: a peek there could deliver a message twice."""
+    path = str(tmp_path / "db.sqlite3")
+    layer = ChannelLayer(driver="sqlite", path=path)
+    other = ChannelLayer(driver="sqlite", path=path)
+    try:
+        waiting = asyncio.ensure_future(layer.receive("jobs"))
+        await _until(lambda: calls["claim"] != [], "a first claim")
+        await other.send("jobs", {"n": 1})
+        assert await asyncio.wait_for(waiting, GUARD) == {"n": 1}
+        assert calls["peek"] == []
+    finally:
+        await other.close()
+        await layer.close()
+
+
+async def test_buffered_messages_are_removed_before_anyone_runs(
+    tmp_path: Path, calls: dict[str, list[int]]
+) -> None:
+    """A peek that hands messages to a buffer (nobody waits on that channel) removes them in
+    the same round, as a claim would have: they stop counting against the channel's
+    capacity before any sender can try again."""
+    path = str(tmp_path / "db.sqlite3")
+    layer = ChannelLayer(driver="sqlite", path=path, capacity=3)
+    other = ChannelLayer(driver="sqlite", path=path, capacity=3)
+    try:
+        quiet, live = await layer.new_channel(), await layer.new_channel()
+        await _start_peeking(layer, other, live)
+        peeks_before = len(calls["peek"])
+        for n in range(3):
+            await other.send(quiet, {"n": n})
+        await other.send(live, {"live": 1})
+        assert await asyncio.wait_for(layer.receive(live), GUARD) == {"live": 1}
+        assert calls["peek"][peeks_before:][:1] == [4]
+        assert await _stored(path, routing_key(quiet)) == [], "the buffered three still stored"
+        for n in range(3, 6):
+            await other.send(quiet, {"n": n})  # room again: no ChannelFull
+        got = [await asyncio.wait_for(layer.receive(quiet), GUARD) for _ in range(6)]
+        assert got == [{"n": n} for n in range(6)]
+    finally:
+        await other.close()
+        await layer.close()
+
+
+async def test_a_failed_removal_is_retried_and_never_delivers_twice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = str(tmp_path / "db.sqlite3")
+    original = SQLiteDriver.remove
+    failures = [2]
+
+    async def flaky(self: SQLiteDriver, receipts: Collection[Hashable]) -> None:
+        if failures[0]:
+            failures[0] -= 1
+            raise DriverError("storage is having a moment")
+        await original(self, receipts)
+
+    monkeypatch.setattr(SQLiteDriver, "remove", flaky)
+    monkeypatch.setattr(receiver, "_RETRY_FIRST", 0.01)
+    layer = ChannelLayer(driver="sqlite", path=path)
+    other = ChannelLayer(driver="sqlite", path=path)
+    try:
+        channel = await layer.new_channel()
+        await _start_peeking(layer, other, channel)
+        await _round_trip(layer, other, channel, 1)
+        # While the removal keeps failing the message stays stored, and held: the next
+        # receive waits for a new message instead of getting this one again.
+        nxt = asyncio.ensure_future(layer.receive(channel))
+        await other.send(channel, {"n": 2})
+        assert await asyncio.wait_for(nxt, GUARD) == {"n": 2}
+        await _until(lambda: failures[0] == 0 and len(layer._held) == 0, "removal retried")
+        assert await _stored(path, routing_key(channel)) == []
+    finally:
+        await other.close()
+        await layer.close()
+
+
+async def test_close_removes_what_is_still_held(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, calls: dict[str, list[int]]
+) -> None:
+    """A removal not yet due when the layer closes runs in close()."""
+    monkeypatch.setattr(receiver, "REMOVE_AFTER", 3600.0)
+    path = str(tmp_path / "db.sqlite3")
+    layer = ChannelLayer(driver="sqlite", path=path)
+    other = ChannelLayer(driver="sqlite", path=path)
+    try:
+        channel = await layer.new_channel()
+        await _start_peeking(layer, other, channel)
+        await _round_trip(layer, other, channel, 1)
+        assert len(layer._held) == 1
+        assert calls["remove"] == []
+        await layer.close()
+        assert calls["remove"] == [1]
+        assert len(layer._held) == 0
+    finally:
+        await other.close()
+        await layer.close()
+
+
+async def test_flush_forgets_held_receipts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(receiver, "REMOVE_AFTER", 3600.0)
+    path = str(tmp_path / "db.sqlite3")
+    layer = ChannelLayer(driver="sqlite", path=path)
+    other = ChannelLayer(driver="sqlite", path=path)
+    try:
+        channel = await layer.new_channel()
+        await _start_peeking(layer, other, channel)
+        await _round_trip(layer, other, channel, 1)
+        assert len(layer._held) == 1
+        await layer.flush()
+        assert len(layer._held) == 0
+    finally:
+        await other.close()
+        await layer.close()
+
+
+def _message(n: int) -> Claimed:
+    return Claimed(f"c!{n}", "c!", b"%d" % n, 1.0)
+
+
+def test_held_takes_each_receipt_once() -> None:
+    """Two peeks that saw the same message (two claim loops of one layer, on two event
+    loops) deliver it once."""
+    held = Held()
+    receipts, generation = held.snapshot()
+    assert receipts == frozenset()
+    first = held.take([("r1", _message(1)), ("r2", _message(2))], generation)
+    again = held.take([("r2", _message(2)), ("r3", _message(3))], generation)
+    assert first == [_message(1), _message(2)]
+    assert again == [_message(3)]
+    assert held.pending() == ("r1", "r2", "r3")
+    assert held.snapshot()[0] == frozenset({"r1", "r2", "r3"})
+
+
+def test_held_refuses_a_peek_that_read_before_a_removal() -> None:
+    """A peek that read storage before a removal committed may have seen a message that is
+    gone now, whose receipt is no longer held: its whole result is refused."""
+    held = Held()
+    _, before = held.snapshot()
+    assert held.take([("r1", _message(1))], before) == [_message(1)]
+    _, during = held.snapshot()
+    held.removed(("r1",))
+    assert len(held) == 0
+    assert held.take([("r1", _message(1))], during) is None
+    _, after = held.snapshot()
+    held.clear()
+    assert held.take([("r2", _message(2))], after) is None
+    assert held.take([("r2", _message(2))], held.snapshot()[1]) == [_message(2)]
