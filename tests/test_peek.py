@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Collection, Hashable, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Hashable, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -31,6 +32,23 @@ async def _until(condition: Callable[[], bool], what: str) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"never happened: {what}")
         await asyncio.sleep(0.001)
+
+
+@pytest.fixture
+async def two_processes(tmp_path: Path) -> AsyncIterator[Callable[..., tuple[ChannelLayer, ...]]]:
+    """``two_processes(**config)``: this process's layer and another one on the same file
+    (playing another process), closed after the test."""
+    made: list[ChannelLayer] = []
+
+    def make(**config: Any) -> tuple[ChannelLayer, ...]:
+        path = str(tmp_path / "db.sqlite3")
+        pair = tuple(ChannelLayer(driver="sqlite", path=path, **config) for _ in range(2))
+        made.extend(pair)
+        return pair
+
+    yield make
+    for layer in reversed(made):
+        await layer.close()
 
 
 @pytest.fixture
@@ -83,9 +101,11 @@ async def _start_peeking(layer: ChannelLayer, other: ChannelLayer, channel: str)
     await _until(lambda: len(layer._held) == 0, "warm-up over")
 
 
-async def _stored(path: str, key: str) -> list[Claimed]:
+async def _stored(layer: ChannelLayer, key: str) -> list[Claimed]:
     """What storage holds for ``key``, read by a fresh connection (a peek changes nothing)."""
-    probe = SQLiteDriver(path=path)
+    primary = layer._primary
+    assert isinstance(primary, SQLiteDriver)
+    probe = primary.sibling()
     await probe.open()
     try:
         return [
@@ -96,81 +116,62 @@ async def _stored(path: str, key: str) -> list[Claimed]:
 
 
 async def test_own_messages_are_peeked_delivered_once_and_removed(
-    tmp_path: Path, calls: dict[str, list[int]]
+    two_processes: Callable[..., tuple[ChannelLayer, ...]], calls: dict[str, list[int]]
 ) -> None:
-    path = str(tmp_path / "db.sqlite3")
-    layer = ChannelLayer(driver="sqlite", path=path)
-    other = ChannelLayer(driver="sqlite", path=path)
-    try:
-        channel = await layer.new_channel()
-        for n in range(20):
-            await _round_trip(layer, other, channel, n)
-        await _until(lambda: len(layer._held) == 0, "every delivered message removed")
-        assert await _stored(path, routing_key(channel)) == []
-        # The first rounds claim (nothing says yet that messages come one at a time).
-        direct = receiver._DIRECT_BEFORE_PEEK
-        assert sum(calls["claim"]) == direct
-        assert sum(calls["peek"]) == 20 - direct, "each other message came through a peek, once"
-        assert sum(calls["remove"]) >= 20 - direct
-        # Nothing left to deliver a second time.
-        late = asyncio.ensure_future(layer.receive(channel))
-        await other.send(channel, {"n": "last"})
-        assert await asyncio.wait_for(late, GUARD) == {"n": "last"}
-    finally:
-        await other.close()
-        await layer.close()
+    layer, other = two_processes()
+    channel = await layer.new_channel()
+    for n in range(20):
+        await _round_trip(layer, other, channel, n)
+    await _until(lambda: len(layer._held) == 0, "every delivered message removed")
+    assert await _stored(layer, routing_key(channel)) == []
+    # The first rounds claim (nothing says yet that messages come one at a time).
+    direct = receiver._DIRECT_BEFORE_PEEK
+    assert sum(calls["claim"]) == direct
+    assert sum(calls["peek"]) == 20 - direct, "each other message came through a peek, once"
+    assert sum(calls["remove"]) >= 20 - direct
+    # Nothing left to deliver a second time.
+    late = asyncio.ensure_future(layer.receive(channel))
+    await other.send(channel, {"n": "last"})
+    assert await asyncio.wait_for(late, GUARD) == {"n": "last"}
 
 
 async def test_normal_channels_are_claimed_never_peeked(
-    tmp_path: Path, calls: dict[str, list[int]]
+    two_processes: Callable[..., tuple[ChannelLayer, ...]], calls: dict[str, list[int]]
 ) -> None:
     """Any process may claim a normal channel: a peek there could deliver a message twice."""
-    path = str(tmp_path / "db.sqlite3")
-    layer = ChannelLayer(driver="sqlite", path=path)
-    other = ChannelLayer(driver="sqlite", path=path)
-    try:
-        waiting = asyncio.ensure_future(layer.receive("jobs"))
-        await _until(lambda: calls["claim"] != [], "a first claim")
-        await other.send("jobs", {"n": 1})
-        assert await asyncio.wait_for(waiting, GUARD) == {"n": 1}
-        assert calls["peek"] == []
-    finally:
-        await other.close()
-        await layer.close()
+    layer, other = two_processes()
+    waiting = asyncio.ensure_future(layer.receive("jobs"))
+    await _until(lambda: calls["claim"] != [], "a first claim")
+    await other.send("jobs", {"n": 1})
+    assert await asyncio.wait_for(waiting, GUARD) == {"n": 1}
+    assert calls["peek"] == []
 
 
 async def test_buffered_messages_are_removed_before_anyone_runs(
-    tmp_path: Path, calls: dict[str, list[int]]
+    two_processes: Callable[..., tuple[ChannelLayer, ...]], calls: dict[str, list[int]]
 ) -> None:
     """A peek that hands messages to a buffer (nobody waits on that channel) removes them in
     the same round, as a claim would have: they stop counting against the channel's
     capacity before any sender can try again."""
-    path = str(tmp_path / "db.sqlite3")
-    layer = ChannelLayer(driver="sqlite", path=path, capacity=3)
-    other = ChannelLayer(driver="sqlite", path=path, capacity=3)
-    try:
-        quiet, live = await layer.new_channel(), await layer.new_channel()
-        await _start_peeking(layer, other, live)
-        peeks_before = len(calls["peek"])
-        for n in range(3):
-            await other.send(quiet, {"n": n})
-        await other.send(live, {"live": 1})
-        assert await asyncio.wait_for(layer.receive(live), GUARD) == {"live": 1}
-        assert calls["peek"][peeks_before:][:1] == [4]
-        assert await _stored(path, routing_key(quiet)) == [], "the buffered three still stored"
-        for n in range(3, 6):
-            await other.send(quiet, {"n": n})  # room again: no ChannelFull
-        got = [await asyncio.wait_for(layer.receive(quiet), GUARD) for _ in range(6)]
-        assert got == [{"n": n} for n in range(6)]
-    finally:
-        await other.close()
-        await layer.close()
+    layer, other = two_processes(capacity=3)
+    quiet, live = await layer.new_channel(), await layer.new_channel()
+    await _start_peeking(layer, other, live)
+    peeks_before = len(calls["peek"])
+    for n in range(3):
+        await other.send(quiet, {"n": n})
+    await other.send(live, {"live": 1})
+    assert await asyncio.wait_for(layer.receive(live), GUARD) == {"live": 1}
+    assert calls["peek"][peeks_before:][:1] == [4]
+    assert await _stored(layer, routing_key(quiet)) == [], "the buffered three still stored"
+    for n in range(3, 6):
+        await other.send(quiet, {"n": n})  # room again: no ChannelFull
+    got = [await asyncio.wait_for(layer.receive(quiet), GUARD) for _ in range(6)]
+    assert got == [{"n": n} for n in range(6)]
 
 
 async def test_a_failed_removal_is_retried_and_never_delivers_twice(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    two_processes: Callable[..., tuple[ChannelLayer, ...]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    path = str(tmp_path / "db.sqlite3")
     original = SQLiteDriver.remove
     failures = [2]
 
@@ -182,61 +183,48 @@ async def test_a_failed_removal_is_retried_and_never_delivers_twice(
 
     monkeypatch.setattr(SQLiteDriver, "remove", flaky)
     monkeypatch.setattr(receiver, "_RETRY_FIRST", 0.01)
-    layer = ChannelLayer(driver="sqlite", path=path)
-    other = ChannelLayer(driver="sqlite", path=path)
-    try:
-        channel = await layer.new_channel()
-        await _start_peeking(layer, other, channel)
-        await _round_trip(layer, other, channel, 1)
-        # While the removal keeps failing the message stays stored, and held: the next
-        # receive waits for a new message instead of getting this one again.
-        nxt = asyncio.ensure_future(layer.receive(channel))
-        await other.send(channel, {"n": 2})
-        assert await asyncio.wait_for(nxt, GUARD) == {"n": 2}
-        await _until(lambda: failures[0] == 0 and len(layer._held) == 0, "removal retried")
-        assert await _stored(path, routing_key(channel)) == []
-    finally:
-        await other.close()
-        await layer.close()
+    layer, other = two_processes()
+    channel = await layer.new_channel()
+    await _start_peeking(layer, other, channel)
+    await _round_trip(layer, other, channel, 1)
+    # While the removal keeps failing the message stays stored, and held: the next
+    # receive waits for a new message instead of getting this one again.
+    nxt = asyncio.ensure_future(layer.receive(channel))
+    await other.send(channel, {"n": 2})
+    assert await asyncio.wait_for(nxt, GUARD) == {"n": 2}
+    await _until(lambda: failures[0] == 0 and len(layer._held) == 0, "removal retried")
+    assert await _stored(layer, routing_key(channel)) == []
 
 
 async def test_close_removes_what_is_still_held(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, calls: dict[str, list[int]]
+    two_processes: Callable[..., tuple[ChannelLayer, ...]],
+    monkeypatch: pytest.MonkeyPatch,
+    calls: dict[str, list[int]],
 ) -> None:
     """A removal not yet due when the layer closes runs in close()."""
     monkeypatch.setattr(receiver, "REMOVE_AFTER", 3600.0)
-    path = str(tmp_path / "db.sqlite3")
-    layer = ChannelLayer(driver="sqlite", path=path)
-    other = ChannelLayer(driver="sqlite", path=path)
-    try:
-        channel = await layer.new_channel()
-        await _start_peeking(layer, other, channel)
-        await _round_trip(layer, other, channel, 1)
-        assert len(layer._held) == 1
-        assert calls["remove"] == []
-        await layer.close()
-        assert calls["remove"] == [1]
-        assert len(layer._held) == 0
-    finally:
-        await other.close()
-        await layer.close()
+    layer, other = two_processes()
+    channel = await layer.new_channel()
+    await _start_peeking(layer, other, channel)
+    await _round_trip(layer, other, channel, 1)
+    assert len(layer._held) == 1
+    assert calls["remove"] == []
+    await layer.close()
+    assert calls["remove"] == [1]
+    assert len(layer._held) == 0
 
 
-async def test_flush_forgets_held_receipts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_flush_forgets_held_receipts(
+    two_processes: Callable[..., tuple[ChannelLayer, ...]], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(receiver, "REMOVE_AFTER", 3600.0)
-    path = str(tmp_path / "db.sqlite3")
-    layer = ChannelLayer(driver="sqlite", path=path)
-    other = ChannelLayer(driver="sqlite", path=path)
-    try:
-        channel = await layer.new_channel()
-        await _start_peeking(layer, other, channel)
-        await _round_trip(layer, other, channel, 1)
-        assert len(layer._held) == 1
-        await layer.flush()
-        assert len(layer._held) == 0
-    finally:
-        await other.close()
-        await layer.close()
+    layer, other = two_processes()
+    channel = await layer.new_channel()
+    await _start_peeking(layer, other, channel)
+    await _round_trip(layer, other, channel, 1)
+    assert len(layer._held) == 1
+    await layer.flush()
+    assert len(layer._held) == 0
 
 
 def _message(n: int) -> Claimed:
