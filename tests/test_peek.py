@@ -153,20 +153,21 @@ async def test_buffered_messages_are_removed_before_anyone_runs(
     """A peek that hands messages to a buffer (nobody waits on that channel) removes them in
     the same round, as a claim would have: they stop counting against the channel's
     capacity before any sender can try again."""
-    layer, other = two_processes(capacity=3)
+    cap = receiver.PEEK_MIN_CAPACITY  # the smallest capacity whose messages are peeked
+    layer, other = two_processes(capacity=cap)
     quiet, live = await layer.new_channel(), await layer.new_channel()
     await _start_peeking(layer, other, live)
     peeks_before = len(calls["peek"])
-    for n in range(3):
+    for n in range(cap):
         await other.send(quiet, {"n": n})
     await other.send(live, {"live": 1})
     assert await asyncio.wait_for(layer.receive(live), GUARD) == {"live": 1}
-    assert calls["peek"][peeks_before:][:1] == [4]
-    assert await _stored(layer, routing_key(quiet)) == [], "the buffered three still stored"
-    for n in range(3, 6):
+    assert calls["peek"][peeks_before:][:1] == [cap + 1]
+    assert await _stored(layer, routing_key(quiet)) == [], "the buffered ones still stored"
+    for n in range(cap, 2 * cap):
         await other.send(quiet, {"n": n})  # room again: no ChannelFull
-    got = [await asyncio.wait_for(layer.receive(quiet), GUARD) for _ in range(6)]
-    assert got == [{"n": n} for n in range(6)]
+    got = [await asyncio.wait_for(layer.receive(quiet), GUARD) for _ in range(2 * cap)]
+    assert got == [{"n": n} for n in range(2 * cap)]
 
 
 async def test_a_failed_removal_is_retried_and_never_delivers_twice(
@@ -259,3 +260,42 @@ def test_held_refuses_a_peek_that_read_before_a_removal() -> None:
     held.clear()
     assert held.take([("r2", _message(2))], after) is None
     assert held.take([("r2", _message(2))], held.snapshot()[1]) == [_message(2)]
+
+
+async def test_roomy_channels_keep_the_removal_off_the_path(
+    two_processes: Callable[..., tuple[ChannelLayer, ...]],
+    calls: dict[str, list[int]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Ping-pong between two processes with the default capacity: messages are removed after
+    they were handed on (not in the claim loop's round), each delivered once. (At capacity 1
+    they are removed in the round: the conformance suite's
+    ``test_capacity_one_ping_pong_between_instances``.)"""
+    layer, other = two_processes()
+    mine, theirs = await layer.new_channel(), await other.new_channel()
+    removals_in_round: list[int] = []
+    original = receiver.ClaimLoop._remove_held
+
+    async def spy(self: receiver.ClaimLoop) -> None:
+        if asyncio.current_task() is self.task:
+            removals_in_round.append(len(self._held))
+        await original(self)
+
+    monkeypatch.setattr(receiver.ClaimLoop, "_remove_held", spy)
+    echoing = None
+    try:
+
+        async def echo() -> None:
+            while True:
+                await layer.send(theirs, await layer.receive(mine))
+
+        echoing = asyncio.ensure_future(echo())
+        for n in range(30):
+            await other.send(mine, {"n": n})
+            assert await asyncio.wait_for(other.receive(theirs), GUARD) == {"n": n}
+        assert sum(calls["peek"]) >= 20
+        assert removals_in_round == []
+    finally:
+        if echoing is not None:
+            echoing.cancel()
+            await asyncio.gather(echoing, return_exceptions=True)

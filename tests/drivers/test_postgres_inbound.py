@@ -13,10 +13,12 @@ from channels_lite.drivers.postgres.inbound import Delivered, Inbound, parse_not
 NOW = 1_700_000_000.0
 
 
-def note(row_id: int, channel: str, payload: bytes, expires_at: float = NOW + 60) -> str:
+def note(
+    row_id: int, channel: str, payload: bytes, expires_at: float = NOW + 60, capacity: int = 100
+) -> str:
     # As schema.Tables.push_one_ddl builds it (PostgreSQL's base64 wraps lines at 76).
     encoded = base64.encodebytes(payload).decode().strip()
-    return f"tok {row_id} {encoded} {expires_at!r} {channel}"
+    return f"tok {row_id} {encoded} {expires_at!r} {capacity} {channel}"
 
 
 def trusted(key: str = "k!") -> Inbound:
@@ -30,14 +32,15 @@ def trusted(key: str = "k!") -> Inbound:
 
 def test_parse_note_round_trips_any_payload_and_channel() -> None:
     payload = bytes(range(256)) * 30
-    row_id, message = parse_note("k!", note(7, "a.k!odd name", payload, NOW + 0.1)) or (0, None)
-    assert row_id == 7 and message == Claimed("a.k!odd name", "k!", payload, NOW + 0.1)
+    parsed = parse_note("k!", note(7, "a.k!odd name", payload, NOW + 0.1, capacity=3))
+    assert parsed == (7, Claimed("a.k!odd name", "k!", payload, NOW + 0.1), 3)
     assert parse_note("k!", "tok") is None
 
 
 def test_parse_note_refuses_garbage() -> None:
-    assert parse_note("k!", "tok x !!! 1.0 ch") is None
-    assert parse_note("k!", "tok 1 AAAA notafloat ch") is None
+    assert parse_note("k!", "tok x !!! 1.0 100 ch") is None
+    assert parse_note("k!", "tok 1 AAAA notafloat 100 ch") is None
+    assert parse_note("k!", "tok 1 AAAA 1.0 nocapacity ch") is None
 
 
 def test_trust_needs_a_drained_claim_with_the_listen_in_place() -> None:
@@ -87,6 +90,20 @@ def test_stale_notifications_are_dropped() -> None:
     assert box.claimed({}, [ClaimRequest("k!", 10)], [row], lambda _: 1) == []
     box.note("k!", note(2, "x.k!c", b"second"))
     assert box.serve(ClaimRequest("k!", 10), NOW) == []
+
+
+def test_a_small_channel_asks_for_its_rows_deleted_before_handing_on() -> None:
+    """Handed on from a notification, a message's row is deleted in the background, except on
+    a channel whose capacity is below DELETE_FIRST_BELOW: there the driver deletes first, so
+    that a reply cannot bring the next message back to a channel still counted full."""
+    box = trusted()
+    box.note("k!", note(2, "x.k!c", b"roomy"))
+    assert [m.payload for m in box.serve(ClaimRequest("k!", 10), NOW) or []] == [b"roomy"]
+    assert not box.delete_first
+    box.note("k!", note(3, "x.k!c", b"small", capacity=inbound.DELETE_FIRST_BELOW - 1))
+    assert [m.payload for m in box.serve(ClaimRequest("k!", 10), NOW) or []] == [b"small"]
+    assert box.delete_first
+    assert box.take_doomed() == [2, 3]
 
 
 def test_a_forgotten_record_breaks_the_chain_instead_of_guessing(

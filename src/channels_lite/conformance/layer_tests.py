@@ -1156,6 +1156,29 @@ class LayerTests(ConformanceFixtures):
         assert {m["n"] for m in got} == {n for n, ok in enumerate(flags) if ok}
 
     @pytest.mark.asyncio
+    async def test_capacity_one_ping_pong_between_instances(self, make_layer: MakeLayer) -> None:
+        """SPEC 14: a received message no longer counts against its channel's capacity. Two
+        instances (two processes) play ping-pong on channels of capacity 1: each message goes
+        out as soon as the reply to the one before arrived, and never finds the channel full
+        (a core that hands messages on before removing them from storage must remove them
+        first on such a channel)."""
+        left, right = make_layer(capacity=1), make_layer(capacity=1)
+        mine, theirs = await left.new_channel(), await right.new_channel()
+
+        async def echo() -> None:
+            while True:
+                await left.send(theirs, await left.receive(mine))
+
+        echoing = asyncio.ensure_future(echo())
+        try:
+            for n in range(30):
+                await right.send(mine, {"n": n})
+                assert await recv(right, theirs) == {"n": n}
+        finally:
+            echoing.cancel()
+            await asyncio.gather(echoing, return_exceptions=True)
+
+    @pytest.mark.asyncio
     async def test_capacity_concurrent_event_loops(self, make_layer: MakeLayer) -> None:
         """SPEC 15, 23: senders on three threads' own loops and the main loop: exactly
         ``capacity`` accepted."""

@@ -183,6 +183,7 @@ class ChannelLayer(BaseChannelLayer):  # type: ignore[misc]
                     lambda claimer: self._claimer is claimer,
                     held=self._held,
                     own_key=self._process_key,
+                    capacity=self.settings.capacity.for_channel,
                 )
             return self._claimer
 

@@ -52,6 +52,12 @@ REMOVE_AFTER = 0.001
 #: Rounds in a row that handed every message straight to a waiting receiver before the claim
 #: loop peeks (see ClaimLoop._may_peek).
 _DIRECT_BEFORE_PEEK = 2
+#: Channels with a smaller capacity have their peeked messages removed before the receiver
+#: runs. A held message fills a channel only together with ``capacity - 1`` unread ones, and a
+#: channel whose receiver takes messages one at a time has next to none; but on a channel of
+#: capacity 1 the reply to a message (ping-pong between processes) can bring the next message
+#: back before the removal ran, and the send would find the channel full.
+PEEK_MIN_CAPACITY = 10
 
 
 def _per_key(claimed: list[Claimed]) -> dict[str, int]:
@@ -73,10 +79,12 @@ class ClaimLoop:
         *,
         held: Held | None = None,
         own_key: str | None = None,
+        capacity: Callable[[str], int] | None = None,
     ) -> None:
         """``own_key``: the routing key only this process claims from (its process key);
         with a driver that :class:`~channels_lite.drivers.base.Peeks`, rounds that claim
-        for it alone may peek, holding receipts in ``held``."""
+        for it alone may peek, holding receipts in ``held``; ``capacity`` gives a channel's
+        capacity (see :data:`PEEK_MIN_CAPACITY`)."""
         self.loop = loop
         self.driver = driver
         self.inbox = inbox
@@ -109,6 +117,7 @@ class ClaimLoop:
         self._peeker = driver if isinstance(driver, Peeks) and held is not None else None
         self._held = held if held is not None else Held()
         self._own_key = own_key
+        self._capacity = capacity
         self._removal: asyncio.TimerHandle | None = None
         self._removing: asyncio.Task[None] | None = None
         self._remove_retry = _RETRY_FIRST
@@ -236,11 +245,12 @@ class ClaimLoop:
                 )
                 handed = self.inbox.deliver(claimed, now, self.loop)
                 self.backoff.reset()
-                self._direct_rounds = self._direct_rounds + 1 if handed == len(claimed) else 0
-                if peeked and handed < len(claimed):
-                    # Some went to a buffer (or nowhere): nobody is about to run with them, and
-                    # they must stop counting against their channel's capacity now, as a
-                    # claim's would have.
+                direct = handed == len(claimed) and self._roomy(claimed)
+                self._direct_rounds = self._direct_rounds + 1 if direct else 0
+                if peeked and not direct:
+                    # Some went to a buffer (or nowhere), or to a channel too small to count a
+                    # delivered message for long: they must stop counting against their
+                    # channel's capacity now, as a claim's would have.
                     try:
                         await self._remove_held()
                     except DriverError:
@@ -297,6 +307,10 @@ class ClaimLoop:
             and len(self._held) < CLAIM_BATCH
             and all(request.key == self._own_key for request in requests)
         )
+
+    def _roomy(self, messages: list[Claimed]) -> bool:
+        capacity = self._capacity
+        return capacity is None or all(capacity(m.channel) >= PEEK_MIN_CAPACITY for m in messages)
 
     async def _peek(self, requests: list[ClaimRequest], now: float) -> list[Claimed] | None:
         assert self._peeker is not None

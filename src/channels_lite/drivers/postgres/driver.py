@@ -318,7 +318,17 @@ class PostgresDriver(Driver):
                 else:
                     served.extend(got)
             if served:
-                self._schedule_deletes()
+                if inbound.delete_first:
+                    inbound.delete_first = False
+                    try:
+                        await self._delete_handed_on()
+                    except asyncio.CancelledError:
+                        # The messages are handed on already: return them (the core
+                        # re-raises the cancellation); the rows go in the background.
+                        self._schedule_deletes()
+                        return served
+                else:
+                    self._schedule_deletes()
             if not rest:
                 return served
         listening = listener.listening if listener is not None else _not_listening

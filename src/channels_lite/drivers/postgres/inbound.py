@@ -140,21 +140,31 @@ def delivered_for(conninfo: str, namespace: str) -> Delivered:
         return _registry.setdefault((conninfo, namespace), Delivered())
 
 
+#: A message handed on from a notification still counts against its channel's capacity until
+#: its row is deleted (in the background, a moment later). Below this capacity the delete runs
+#: before the message is handed on: at capacity 1 the reply to a message (ping-pong between
+#: processes) can bring the next one back before a background delete, and that send would
+#: find the channel full (conformance: test_capacity_one_ping_pong_between_instances).
+DELETE_FIRST_BELOW = 10
+
+
 @dataclass(slots=True)
 class _Held:
     row_id: int
     message: Claimed
+    capacity: int
 
 
-def parse_note(key: str, text: str) -> tuple[int, Claimed] | None:
-    """``token id base64 expires_at channel`` -> the message; None for a bare token."""
-    parts = text.split(" ", 4)
-    if len(parts) != 5:
+def parse_note(key: str, text: str) -> tuple[int, Claimed, int] | None:
+    """``token id base64 expires_at capacity channel`` -> the message and its channel's
+    capacity; None for a bare token."""
+    parts = text.split(" ", 5)
+    if len(parts) != 6:
         return None
-    _, row_id, encoded, expires_at, channel = parts
+    _, row_id, encoded, expires_at, capacity, channel = parts
     try:
         payload = base64.b64decode(encoded)
-        return int(row_id), Claimed(channel, key, payload, float(expires_at))
+        return int(row_id), Claimed(channel, key, payload, float(expires_at)), int(capacity)
     except (ValueError, binascii.Error):
         logger.warning("channels-lite: ignoring a malformed message notification for %r", key)
         return None
@@ -179,6 +189,9 @@ class Inbound:
         self._process_keys: set[str] = set()
         #: Row ids handed on, whose rows the driver deletes in the background.
         self.doomed: list[int] = []
+        #: Something handed on belongs to a channel below DELETE_FIRST_BELOW: the driver
+        #: deletes before it returns (and clears this).
+        self.delete_first = False
         #: For tests and stats: messages handed on from notifications.
         self.handed_on = 0
 
@@ -191,7 +204,7 @@ class Inbound:
         if parsed is None:
             self.break_chain(key)
             return
-        row_id, message = parsed
+        row_id, message, capacity = parsed
         state = self.delivered.seen(key, message.channel, row_id)
         if state:
             return
@@ -202,7 +215,7 @@ class Inbound:
         if len(held) >= MAX_HELD:
             self.break_chain(key)
             return
-        held.append(_Held(row_id, message))
+        held.append(_Held(row_id, message, capacity))
 
     def break_chain(self, key: str) -> None:
         """Stop serving ``key`` from notifications until a drained claim re-establishes it.
@@ -270,6 +283,8 @@ class Inbound:
                 held = None
                 break
             self.doomed.append(item.row_id)
+            if item.capacity < DELETE_FIRST_BELOW:
+                self.delete_first = True
             out.append(message)
         if held is not None:
             kept.extend(held)

@@ -249,7 +249,7 @@ GROUP BY group_name ORDER BY n DESC, group_name LIMIT %(top)s
             "capacity": env.capacity,
             "wake": wake_channel(self.tables.namespace, env.channel, env.key),
             "token": token,
-            "tail": f" {env.expires_at!r} {env.channel}",
+            "tail": f" {env.expires_at!r} {env.capacity} {env.channel}",
         }
         cursor = conn.cursor()
         with _push_outcome(conn, [cursor]):

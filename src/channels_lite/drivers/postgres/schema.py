@@ -139,8 +139,8 @@ class Tables:
         Returns whether the message was stored; only then does it notify. A process-specific
         message (``p_key <> p_channel``) small enough for a NOTIFY (8000 bytes) travels in it,
         so that its process can hand it on without a claim round trip (see :mod:`.inbound`):
-        ``token id base64(payload)`` followed by ``p_tail`` (`` expires_at channel``, built by
-        the caller so that the float keeps every digit). Otherwise the notification is the
+        ``token id base64(payload)`` followed by ``p_tail`` (`` expires_at capacity channel``,
+        built by the caller so that the float keeps every digit). Otherwise the notification is the
         bare ``p_token``.
         """
         return (
