@@ -245,7 +245,7 @@ class ClaimLoop:
                 )
                 handed = self.inbox.deliver(claimed, now, self.loop)
                 self.backoff.reset()
-                direct = handed == len(claimed) and self._roomy(claimed)
+                direct = handed == len(claimed) and (self._peeker is None or self._roomy(claimed))
                 self._direct_rounds = self._direct_rounds + 1 if direct else 0
                 if peeked and not direct:
                     # Some went to a buffer (or nowhere), or to a channel too small to count a
