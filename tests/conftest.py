@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Hashable, Sequence
 
 import pytest
 
-from channels_lite.drivers.base import Driver, Envelope
+from channels_lite.drivers.base import Claimed, ClaimRequest, Driver, Envelope
+from channels_lite.drivers.sqlite import SQLiteDriver
 
 
 @pytest.fixture
@@ -26,3 +27,40 @@ def count_pushes(monkeypatch: pytest.MonkeyPatch) -> Callable[[type[Driver]], li
         return sizes
 
     return install
+
+
+@pytest.fixture
+def sqlite_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[int]]:
+    """From now on, the SQLite driver records how many messages each ``peek`` and ``claim``
+    returned (under those names, and both in call order under ``"rounds"``) and how many
+    receipts each ``remove`` was given. The calls themselves run as usual."""
+    seen: dict[str, list[int]] = {"peek": [], "claim": [], "rounds": [], "remove": []}
+    peek, claim, remove = SQLiteDriver.peek, SQLiteDriver.claim, SQLiteDriver.remove
+
+    async def spy_peek(
+        self: SQLiteDriver,
+        requests: Sequence[ClaimRequest],
+        now: float,
+        held: Collection[Hashable],
+    ) -> list[tuple[Hashable, Claimed]]:
+        got = await peek(self, requests, now, held)
+        seen["peek"].append(len(got))
+        seen["rounds"].append(len(got))
+        return got
+
+    async def spy_claim(
+        self: SQLiteDriver, requests: Sequence[ClaimRequest], now: float
+    ) -> list[Claimed]:
+        got = await claim(self, requests, now)
+        seen["claim"].append(len(got))
+        seen["rounds"].append(len(got))
+        return got
+
+    async def spy_remove(self: SQLiteDriver, receipts: Collection[Hashable]) -> None:
+        seen["remove"].append(len(receipts))
+        await remove(self, receipts)
+
+    monkeypatch.setattr(SQLiteDriver, "peek", spy_peek)
+    monkeypatch.setattr(SQLiteDriver, "claim", spy_claim)
+    monkeypatch.setattr(SQLiteDriver, "remove", spy_remove)
+    return seen

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import Callable, Collection, Hashable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -237,36 +237,15 @@ async def test_a_draining_claim_loop_defers_notifications_and_lets_them_through_
 
 
 async def test_a_claim_that_drained_every_key_is_not_repeated_at_once(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, sqlite_calls: dict[str, list[int]]
 ) -> None:
     """A claim that found messages, but fewer than asked for every key, leaves nothing
     behind: the loop waits for news (a notification, a local push, a receiver coming back, a
     recheck) instead of claiming again right away, ahead of the receivers it just handed
     messages."""
-    # Rounds for a process-specific channel peek (the SQLite driver Peeks); a round that
-    # follows a full one claims. Both count.
-    claims: list[int] = []
-    original_claim, original_peek = SQLiteDriver.claim, SQLiteDriver.peek
-
-    async def spy_claim(
-        self: SQLiteDriver, requests: Sequence[ClaimRequest], now: float
-    ) -> list[Claimed]:
-        got = await original_claim(self, requests, now)
-        claims.append(len(got))
-        return got
-
-    async def spy_peek(
-        self: SQLiteDriver,
-        requests: Sequence[ClaimRequest],
-        now: float,
-        held: Collection[Hashable],
-    ) -> list[tuple[Hashable, Claimed]]:
-        got = await original_peek(self, requests, now, held)
-        claims.append(len(got))
-        return got
-
-    monkeypatch.setattr(SQLiteDriver, "claim", spy_claim)
-    monkeypatch.setattr(SQLiteDriver, "peek", spy_peek)
+    # Rounds for a process-specific channel may peek (the SQLite driver Peeks) or claim:
+    # both count, in call order.
+    claims = sqlite_calls["rounds"]
     path = str(tmp_path / "db.sqlite3")
     layer = ChannelLayer(driver="sqlite", path=path, poll_interval=3600)
     other = ChannelLayer(driver="sqlite", path=path)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Collection, Hashable, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Hashable
 from pathlib import Path
 from typing import Any
 
@@ -51,40 +51,6 @@ async def two_processes(tmp_path: Path) -> AsyncIterator[Callable[..., tuple[Cha
         await layer.close()
 
 
-@pytest.fixture
-def calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[int]]:
-    """How many messages each peek and claim of the SQLite driver returned, and how many
-    receipts each remove was given."""
-    seen: dict[str, list[int]] = {"peek": [], "claim": [], "remove": []}
-    peek, claim, remove = SQLiteDriver.peek, SQLiteDriver.claim, SQLiteDriver.remove
-
-    async def spy_peek(
-        self: SQLiteDriver,
-        requests: Sequence[ClaimRequest],
-        now: float,
-        held: Collection[Hashable],
-    ) -> list[tuple[Hashable, Claimed]]:
-        got = await peek(self, requests, now, held)
-        seen["peek"].append(len(got))
-        return got
-
-    async def spy_claim(
-        self: SQLiteDriver, requests: Sequence[ClaimRequest], now: float
-    ) -> list[Claimed]:
-        got = await claim(self, requests, now)
-        seen["claim"].append(len(got))
-        return got
-
-    async def spy_remove(self: SQLiteDriver, receipts: Collection[Hashable]) -> None:
-        seen["remove"].append(len(receipts))
-        await remove(self, receipts)
-
-    monkeypatch.setattr(SQLiteDriver, "peek", spy_peek)
-    monkeypatch.setattr(SQLiteDriver, "claim", spy_claim)
-    monkeypatch.setattr(SQLiteDriver, "remove", spy_remove)
-    return seen
-
-
 async def _round_trip(layer: ChannelLayer, other: ChannelLayer, channel: str, n: object) -> None:
     """``other`` sends to ``channel`` while a receiver of ``layer`` waits there."""
     waiting = asyncio.ensure_future(layer.receive(channel))
@@ -116,7 +82,7 @@ async def _stored(layer: ChannelLayer, key: str) -> list[Claimed]:
 
 
 async def test_own_messages_are_peeked_delivered_once_and_removed(
-    two_processes: Callable[..., tuple[ChannelLayer, ...]], calls: dict[str, list[int]]
+    two_processes: Callable[..., tuple[ChannelLayer, ...]], sqlite_calls: dict[str, list[int]]
 ) -> None:
     layer, other = two_processes()
     channel = await layer.new_channel()
@@ -126,9 +92,9 @@ async def test_own_messages_are_peeked_delivered_once_and_removed(
     assert await _stored(layer, routing_key(channel)) == []
     # The first rounds claim (nothing says yet that messages come one at a time).
     direct = receiver._DIRECT_BEFORE_PEEK
-    assert sum(calls["claim"]) == direct
-    assert sum(calls["peek"]) == 20 - direct, "each other message came through a peek, once"
-    assert sum(calls["remove"]) >= 20 - direct
+    assert sum(sqlite_calls["claim"]) == direct
+    assert sum(sqlite_calls["peek"]) == 20 - direct, "each other message came through a peek, once"
+    assert sum(sqlite_calls["remove"]) >= 20 - direct
     # Nothing left to deliver a second time.
     late = asyncio.ensure_future(layer.receive(channel))
     await other.send(channel, {"n": "last"})
@@ -136,19 +102,19 @@ async def test_own_messages_are_peeked_delivered_once_and_removed(
 
 
 async def test_normal_channels_are_claimed_never_peeked(
-    two_processes: Callable[..., tuple[ChannelLayer, ...]], calls: dict[str, list[int]]
+    two_processes: Callable[..., tuple[ChannelLayer, ...]], sqlite_calls: dict[str, list[int]]
 ) -> None:
     """Any process may claim a normal channel: a peek there could deliver a message twice."""
     layer, other = two_processes()
     waiting = asyncio.ensure_future(layer.receive("jobs"))
-    await _until(lambda: calls["claim"] != [], "a first claim")
+    await _until(lambda: sqlite_calls["claim"] != [], "a first claim")
     await other.send("jobs", {"n": 1})
     assert await asyncio.wait_for(waiting, GUARD) == {"n": 1}
-    assert calls["peek"] == []
+    assert sqlite_calls["peek"] == []
 
 
 async def test_buffered_messages_are_removed_before_anyone_runs(
-    two_processes: Callable[..., tuple[ChannelLayer, ...]], calls: dict[str, list[int]]
+    two_processes: Callable[..., tuple[ChannelLayer, ...]], sqlite_calls: dict[str, list[int]]
 ) -> None:
     """A peek that hands messages to a buffer (nobody waits on that channel) removes them in
     the same round, as a claim would have: they stop counting against the channel's
@@ -157,12 +123,12 @@ async def test_buffered_messages_are_removed_before_anyone_runs(
     layer, other = two_processes(capacity=cap)
     quiet, live = await layer.new_channel(), await layer.new_channel()
     await _start_peeking(layer, other, live)
-    peeks_before = len(calls["peek"])
+    peeks_before = len(sqlite_calls["peek"])
     for n in range(cap):
         await other.send(quiet, {"n": n})
     await other.send(live, {"live": 1})
     assert await asyncio.wait_for(layer.receive(live), GUARD) == {"live": 1}
-    assert calls["peek"][peeks_before:][:1] == [cap + 1]
+    assert sqlite_calls["peek"][peeks_before:][:1] == [cap + 1]
     assert await _stored(layer, routing_key(quiet)) == [], "the buffered ones still stored"
     for n in range(cap, 2 * cap):
         await other.send(quiet, {"n": n})  # room again: no ChannelFull
@@ -200,7 +166,7 @@ async def test_a_failed_removal_is_retried_and_never_delivers_twice(
 async def test_close_removes_what_is_still_held(
     two_processes: Callable[..., tuple[ChannelLayer, ...]],
     monkeypatch: pytest.MonkeyPatch,
-    calls: dict[str, list[int]],
+    sqlite_calls: dict[str, list[int]],
 ) -> None:
     """A removal not yet due when the layer closes runs in close()."""
     monkeypatch.setattr(receiver, "REMOVE_AFTER", 3600.0)
@@ -209,9 +175,9 @@ async def test_close_removes_what_is_still_held(
     await _start_peeking(layer, other, channel)
     await _round_trip(layer, other, channel, 1)
     assert len(layer._held) == 1
-    assert calls["remove"] == []
+    assert sqlite_calls["remove"] == []
     await layer.close()
-    assert calls["remove"] == [1]
+    assert sqlite_calls["remove"] == [1]
     assert len(layer._held) == 0
 
 
@@ -264,7 +230,7 @@ def test_held_refuses_a_peek_that_read_before_a_removal() -> None:
 
 async def test_roomy_channels_keep_the_removal_off_the_path(
     two_processes: Callable[..., tuple[ChannelLayer, ...]],
-    calls: dict[str, list[int]],
+    sqlite_calls: dict[str, list[int]],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Ping-pong between two processes with the default capacity: messages are removed after
@@ -293,7 +259,7 @@ async def test_roomy_channels_keep_the_removal_off_the_path(
         for n in range(30):
             await other.send(mine, {"n": n})
             assert await asyncio.wait_for(other.receive(theirs), GUARD) == {"n": n}
-        assert sum(calls["peek"]) >= 20
+        assert sum(sqlite_calls["peek"]) >= 20
         assert removals_in_round == []
     finally:
         if echoing is not None:
