@@ -544,10 +544,10 @@ class ChannelLayer(BaseChannelLayer):  # type: ignore[misc]
     async def _remove_held(self, loop: asyncio.AbstractEventLoop) -> None:
         """Remove the messages peeked and handed on whose removal had not run yet."""
         receipts = self._held.pending()
-        driver = await self._drivers.state(loop).ready()
-        if not isinstance(driver, Peeks):
-            return
         try:
+            driver = await self._drivers.state(loop).ready()
+            if not isinstance(driver, Peeks):
+                return
             await driver.remove(receipts)
         except DriverError as exc:
             # They stay held (this layer never delivers them again); the lease's release,

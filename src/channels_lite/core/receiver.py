@@ -169,15 +169,16 @@ class ClaimLoop:
             await self._claim_forever(trust_clean=notifier is not None)
         finally:
             self._cancel_removal()
-            removing = self._removing
-            if removing is not None and not removing.done():
-                # Let a removal in flight finish (the layer's close removes what is left).
-                await asyncio.wait({removing})
             self.clean.clear()
             self._defer(False)
             self._deferrer = None
             if notifier is not None:
                 notifier.remove_change_listener(self._on_change)
+            removing = self._removing
+            if removing is not None and not removing.done():
+                # Let a removal in flight finish (the layer's close removes what is left).
+                # Last: a second cancellation may end this wait, and must not skip the rest.
+                await asyncio.wait({removing})
 
     def _defer(self, defer: bool) -> None:
         """Hold change notifications back while claims keep finding messages (the next round
