@@ -163,18 +163,26 @@ async def test_a_failed_removal_is_retried_and_never_delivers_twice(
     assert await _stored(layer, routing_key(channel)) == []
 
 
-async def test_close_removes_what_is_still_held(
-    two_processes: Callable[..., tuple[ChannelLayer, ...]],
-    monkeypatch: pytest.MonkeyPatch,
-    sqlite_calls: dict[str, list[int]],
-) -> None:
-    """A removal not yet due when the layer closes runs in close()."""
+async def _one_held(
+    two_processes: Callable[..., tuple[ChannelLayer, ...]], monkeypatch: pytest.MonkeyPatch
+) -> ChannelLayer:
+    """A layer that peeked one message and handed it on, its removal an hour away."""
     monkeypatch.setattr(receiver, "REMOVE_AFTER", 3600.0)
     layer, other = two_processes()
     channel = await layer.new_channel()
     await _start_peeking(layer, other, channel)
     await _round_trip(layer, other, channel, 1)
     assert len(layer._held) == 1
+    return layer
+
+
+async def test_close_removes_what_is_still_held(
+    two_processes: Callable[..., tuple[ChannelLayer, ...]],
+    monkeypatch: pytest.MonkeyPatch,
+    sqlite_calls: dict[str, list[int]],
+) -> None:
+    """A removal not yet due when the layer closes runs in close()."""
+    layer = await _one_held(two_processes, monkeypatch)
     assert sqlite_calls["remove"] == []
     await layer.close()
     assert sqlite_calls["remove"] == [1]
@@ -184,12 +192,7 @@ async def test_close_removes_what_is_still_held(
 async def test_flush_forgets_held_receipts(
     two_processes: Callable[..., tuple[ChannelLayer, ...]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(receiver, "REMOVE_AFTER", 3600.0)
-    layer, other = two_processes()
-    channel = await layer.new_channel()
-    await _start_peeking(layer, other, channel)
-    await _round_trip(layer, other, channel, 1)
-    assert len(layer._held) == 1
+    layer = await _one_held(two_processes, monkeypatch)
     await layer.flush()
     assert len(layer._held) == 0
 

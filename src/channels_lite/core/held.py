@@ -15,7 +15,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Hashable
 
-from ..drivers.base import Claimed
+from ..drivers.base import Claimed, Peeks
 
 __all__ = ["Held"]
 
@@ -64,6 +64,14 @@ class Held:
             for receipt in receipts:
                 self._receipts.pop(receipt, None)
             self._generation += 1
+
+    async def remove_from(self, storage: Peeks) -> None:
+        """Remove every held message from ``storage``, then forget them. If the removal
+        fails (DriverError, or a cancellation), they stay held."""
+        receipts = self.pending()
+        if receipts:
+            await storage.remove(receipts)
+            self.removed(receipts)
 
     def clear(self) -> None:
         """Storage was flushed: every held message is gone with the rest."""

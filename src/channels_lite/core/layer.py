@@ -543,22 +543,18 @@ class ChannelLayer(BaseChannelLayer):  # type: ignore[misc]
 
     async def _remove_held(self, loop: asyncio.AbstractEventLoop) -> None:
         """Remove the messages peeked and handed on whose removal had not run yet."""
-        receipts = self._held.pending()
         try:
             driver = await self._drivers.state(loop).ready()
-            if not isinstance(driver, Peeks):
-                return
-            await driver.remove(receipts)
+            if isinstance(driver, Peeks):
+                await self._held.remove_from(driver)
         except DriverError as exc:
             # They stay held (this layer never delivers them again); the lease's release,
             # or its expiry, removes them with the rest of this process's messages.
             logger.warning(
                 "channels-lite: could not remove %d delivered message(s) from storage on close: %s",
-                len(receipts),
+                len(self._held),
                 exc,
             )
-            return
-        self._held.removed(receipts)
 
     async def close_pools(self) -> None:
         """channels_redis's name for :meth:`close`."""

@@ -321,12 +321,10 @@ class ClaimLoop:
 
     async def _remove_held(self) -> None:
         """Remove every held message from storage (DriverError if that fails: they stay held)."""
-        receipts = self._held.pending()
-        if not receipts:
+        if not len(self._held):
             return
         assert self._peeker is not None  # only a peeking claim loop's Held fills up
-        await self._peeker.remove(receipts)
-        self._held.removed(receipts)
+        await self._held.remove_from(self._peeker)
 
     def _schedule_removal(self, delay: float) -> None:
         if self._removal is not None or (self._removing is not None and not self._removing.done()):
