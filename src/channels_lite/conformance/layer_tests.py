@@ -18,7 +18,7 @@ import re
 import time
 import types
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -108,6 +108,20 @@ async def _receive_n(layer: ChannelLayer, channel: str, count: int) -> list[dict
 async def _send_all(layer: ChannelLayer, channel: str, messages: list[dict[str, Any]]) -> None:
     for message in messages:
         await layer.send(channel, message)
+
+
+@contextlib.asynccontextmanager
+async def _layer_with_default_expiries(
+    driver_options: dict[str, Any], **overrides: Any
+) -> AsyncIterator[ChannelLayer]:
+    """A layer whose CONFIG has neither ``expiry`` nor ``group_expiry`` (even if
+    ``driver_options`` sets them), closed after the block."""
+    options = {k: v for k, v in driver_options.items() if k not in {"expiry", "group_expiry"}}
+    layer = ChannelLayer(**options, **overrides)
+    try:
+        yield layer
+    finally:
+        await layer.close()
 
 
 # ------------------------------------------------------------------------- name tables
@@ -1296,6 +1310,21 @@ class LayerTests(ConformanceFixtures):
         await assert_next_is_sentinel(layer, "c")
 
     @pytest.mark.asyncio
+    async def test_default_expiry_is_60_seconds(self, driver_options: dict[str, Any]) -> None:
+        """SPEC 18: with no ``expiry`` in CONFIG a message lives 60 seconds (README
+        **Configuration**): delivered 59.9 s after it was sent, never 60.1 s after."""
+        clock = ManualClock()
+        async with _layer_with_default_expiries(
+            driver_options, clock=clock, process_timeout=10**6
+        ) as layer:
+            await layer.send("c", {"type": "fresh"})
+            clock.advance(59.9)
+            assert await recv(layer, "c") == {"type": "fresh"}
+            await layer.send("c", {"type": "stale"})
+            clock.advance(60.1)
+            await assert_next_is_sentinel(layer, "c")
+
+    @pytest.mark.asyncio
     async def test_expiry_across_instances(self, make_layer: MakeLayer) -> None:
         """SPEC 18: another instance never delivers an expired message either."""
         clock = ManualClock()
@@ -1350,6 +1379,25 @@ class LayerTests(ConformanceFixtures):
         clock.advance(19.5)
         await layer.group_send("g", {"type": "in-time"})
         assert await recv(layer, "member") == {"type": "in-time"}
+
+    @pytest.mark.asyncio
+    async def test_default_group_expiry_is_86400_seconds(
+        self, driver_options: dict[str, Any]
+    ) -> None:
+        """SPEC 19: with no ``group_expiry`` in CONFIG a membership lives 86400 seconds (one
+        day, README **Configuration**): a group_send 86399.9 s after ``group_add`` reaches the
+        member, one at 86400.1 s does not."""
+        clock = ManualClock()
+        async with _layer_with_default_expiries(
+            driver_options, clock=clock, process_timeout=10**6
+        ) as layer:
+            await layer.group_add("g", "member")
+            clock.advance(86399.9)
+            await layer.group_send("g", {"type": "in-time"})
+            assert await recv(layer, "member") == {"type": "in-time"}
+            clock.advance(0.2)
+            await layer.group_send("g", {"type": "too-late"})
+            await assert_next_is_sentinel(layer, "member")
 
     @pytest.mark.asyncio
     async def test_group_add_refreshes(self, make_layer: MakeLayer) -> None:
