@@ -2,22 +2,28 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import sys
 import types
 from collections.abc import Callable
 from importlib import metadata
+from pathlib import Path
 
 import pluggy
 import pytest
 
 from channels_lite import ChannelLayer, ConfigurationError
 from channels_lite.drivers import builtin, hookspecs
-from channels_lite.drivers.base import Driver
+from channels_lite.drivers.base import Driver, DriverFeatures
 from channels_lite.drivers.memory import MemoryDriver
 from channels_lite.drivers.registry import (
     DriverLookupError,
     DriverRegistry,
     DuplicateDriverError,
     available_drivers,
+    driver_capabilities,
+    driver_features,
     driver_origin,
     get_driver_class,
 )
@@ -138,3 +144,81 @@ def test_bad_import_path_is_a_clear_error(path: str) -> None:
         ChannelLayer(driver=path)
     assert info.value.key == "driver"
     assert path in str(info.value)
+
+
+# -- where a driver comes from, and what it implements -----------------------------------------
+
+
+class _FakeDistribution(metadata.Distribution):
+    """An installed package, as importlib.metadata reads one, without installing anything."""
+
+    def __init__(self, files: dict[str, str]) -> None:
+        self._files = files
+
+    def read_text(self, filename: str) -> str | None:
+        return self._files.get(filename)
+
+    def locate_file(self, path: str | os.PathLike[str]) -> Path:
+        return Path(path)
+
+
+def test_distribution_is_the_entry_point_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An entry-point plugin's drivers name the package that declares the entry point; the
+    built-in module, registered directly when no entry point names it, names channels-lite."""
+    module = types.ModuleType("clite_fake_plugin")
+    module.channels_lite_register_drivers = plugin(Extra).channels_lite_register_drivers  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    fake = _FakeDistribution(
+        {
+            "METADATA": "Metadata-Version: 2.1\nName: clite-fake-driver\nVersion: 1.2.3\n",
+            "entry_points.txt": "[channels_lite]\nfake = clite_fake_plugin\n",
+        }
+    )
+    registry = DriverRegistry()
+    with monkeypatch.context() as patch:
+        # What pluggy's load_setuptools_entrypoints iterates: only the fake package.
+        patch.setattr(metadata, "distributions", lambda: [fake])
+        registry.load()
+    assert registry.origin("extra") == "fake"
+    assert registry.distribution("extra") == ("clite-fake-driver", "1.2.3")
+    assert registry.origin("sqlite") == "builtin"
+    assert registry.distribution("sqlite") == ("channels-lite", metadata.version("channels-lite"))
+
+
+def test_distribution_unknown_without_a_package() -> None:
+    orphan = type("Orphan", (MemoryDriver,), {"name": "orphan", "__module__": "clite_nowhere.x"})
+    registry = DriverRegistry(manager(by_hand=plugin(orphan, Extra)))
+    assert registry.distribution("orphan") == (None, None)
+
+
+def test_capabilities_are_read_from_the_class() -> None:
+    assert driver_capabilities(SQLiteDriver) == [
+        "ChangeNotifier",
+        "DefersChanges",
+        "Peeks",
+        "SupportsLiveness",
+        "SupportsStats",
+    ]
+    assert driver_capabilities(MemoryDriver) == [
+        "ChangeNotifier",
+        "SupportsLiveness",
+        "SupportsStats",
+    ]
+
+    class HalfPeeks(MemoryDriver):
+        """Has ``peek`` but not ``remove``: not the Peeks capability."""
+
+        name = "halfpeeks"
+
+        async def peek(self, *args: object) -> list[object]:
+            return []
+
+    assert "Peeks" not in driver_capabilities(HalfPeeks)
+    assert driver_capabilities(HalfPeeks) == driver_capabilities(MemoryDriver)
+
+
+def test_features_list_every_field() -> None:
+    features = driver_features(SQLiteDriver)
+    assert list(features) == [field.name for field in dataclasses.fields(DriverFeatures)]
+    assert features["cross_process"] is True
+    assert features["max_batch"] == SQLiteDriver.features.max_batch

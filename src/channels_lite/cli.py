@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sqlite3
 import sys
 import tempfile
@@ -16,7 +17,15 @@ from typing import Any
 
 from . import maintenance
 from .drivers.base import DriverError
-from .drivers.registry import DriverLookupError, available_drivers, driver_origin, get_driver_class
+from .drivers.registry import (
+    DriverLookupError,
+    available_drivers,
+    driver_capabilities,
+    driver_distribution,
+    driver_features,
+    driver_origin,
+    get_driver_class,
+)
 
 logger = logging.getLogger("channels_lite.cli")
 
@@ -40,24 +49,33 @@ def cmd_drivers(args: argparse.Namespace) -> int:
     rows: list[dict[str, Any]] = []
     for name, cls in sorted(available_drivers().items()):
         plugin, version = driver_origin(name)
-        features = cls.features
+        distribution, _ = driver_distribution(name)
+        features = driver_features(cls)
         rows.append(
             {
                 "name": name,
                 "class": f"{cls.__module__}.{cls.__qualname__}",
                 "plugin": plugin,
                 "version": version,
-                "cross_process": features.cross_process,
-                "persistent": features.persistent,
+                "cross_process": features["cross_process"],
+                "persistent": features["persistent"],
                 "options": dict(cls.option_docs),
+                "distribution": distribution,
+                "features": features,
+                "capabilities": driver_capabilities(cls),
             }
         )
     if args.json:
         _out(json.dumps(rows, indent=2))
         return 0
     for row in rows:
-        _out(f"{row['name']}  ({row['class']}, plugin {row['plugin']}, version {row['version']})")
-        _out(f"    cross_process={row['cross_process']} persistent={row['persistent']}")
+        package = row["distribution"] or "unknown"
+        _out(
+            f"{row['name']}  ({row['class']}, plugin {row['plugin']}, "
+            f"package {package}, version {row['version']})"
+        )
+        _out("    " + " ".join(f"{key}={value}" for key, value in row["features"].items()))
+        _out(f"    capabilities: {', '.join(row['capabilities']) or 'none'}")
         for key, doc in row["options"].items():
             _out(f"    option {key}: {doc}")
     return 0
@@ -306,10 +324,19 @@ def add_purge_arguments(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="channels-lite",
-        description="channels-lite: list storage drivers and check them against the contract.",
+        description="channels-lite: list storage drivers, check one against the driver "
+        "contract, and inspect or purge a channel layer's storage.",
     )
-    sub = parser.add_subparsers(dest="command", required=True)
-    drivers = sub.add_parser("drivers", help="list registered drivers and their features")
+    # Each command's help fits on its line of an 80-column --help.
+    sub = parser.add_subparsers(dest="command", required=True, title="commands")
+    drivers = sub.add_parser(
+        "drivers",
+        help="list drivers: package, features, capabilities, options",
+        description="Lists every registered driver: its class, the plugin and the package "
+        "(distribution and version) that registered it, its features, the optional "
+        "capabilities it implements (checked on the class, without connecting) and its "
+        "options.",
+    )
     drivers.add_argument("--json", action="store_true", help="machine-readable output")
     drivers.set_defaults(func=cmd_drivers)
     conformance = sub.add_parser(
@@ -334,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     conformance.set_defaults(func=cmd_conformance)
     stats = sub.add_parser(
         "stats",
-        help="what the layer's storage holds: pending messages, groups, processes, size",
+        help="pending messages, groups, processes, storage size",
         description="Per channel layer: messages pending per channel (top N), groups and their "
         "member counts, live processes, expired rows awaiting purge, storage size. Needs the "
         "driver's optional SupportsStats capability (exit status 3 without it).",
@@ -358,7 +385,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    code: int = args.func(args)
+    try:
+        code: int = args.func(args)
+        # Inside the try: output still buffered fails here, not at interpreter exit.
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader went away (`channels-lite drivers | head -1`): stop quietly, as other
+        # command-line tools do. Python's own last flush of stdout at exit would raise again,
+        # so stdout goes to devnull (the recipe of the signal module's documentation).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 1
     return code
 
 

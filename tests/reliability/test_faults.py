@@ -22,6 +22,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import sqlite3
 import stat
@@ -43,8 +44,9 @@ from rel_ledger import Ledger, check, read_ledgers  # noqa: E402
 from rel_parent import NOBODY, Children, as_unprivileged, write_lock_held  # noqa: E402
 
 from channels_lite import ChannelLayer  # noqa: E402
+from channels_lite.conformance._support import opened  # noqa: E402
 from channels_lite.core.ratelimit import RateLimitedLog  # noqa: E402
-from channels_lite.drivers.base import DriverError  # noqa: E402
+from channels_lite.drivers.base import DriverError, Envelope  # noqa: E402
 from channels_lite.drivers.sqlite import SQLiteDriver  # noqa: E402
 
 posix_only = pytest.mark.skipif(sys.platform == "win32", reason="POSIX semantics")
@@ -266,6 +268,45 @@ async def test_write_lock_longer_than_timeout_clear_error_nothing_lost(
     assert any("claiming messages failed" in e for e in errors), errors
     failures = [r for r in caplog.records if r.name == "channels_lite.core.receiver"]
     assert any(db in str(r.exc_info[1]) for r in failures if r.exc_info), failures
+
+
+async def test_write_lock_longer_than_timeout_logs_that_retries_are_exhausted(
+    db: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the driver gives up on a lock held past its timeout, it logs one WARNING naming
+    the file, what it was doing and that its retries are exhausted, before the caller gets the
+    DriverError (a caller may not log it); more failures within the minute add no line."""
+    from channels_lite.drivers.sqlite import connection
+
+    # A limiter of its own: a line another test wrote a moment ago must not hold this one back.
+    monkeypatch.setattr(connection, "_gave_up", RateLimitedLog(connection.logger, interval=60.0))
+    caplog.set_level(logging.WARNING, logger="channels_lite")
+
+    def gave_up() -> list[str]:
+        return [
+            r.getMessage()
+            for r in caplog.records
+            if r.name == "channels_lite.drivers.sqlite" and r.levelno == logging.WARNING
+        ]
+
+    message = [Envelope(WORK, WORK, b"m", time.time() + 60, 100)]
+    async with opened(SQLiteDriver(path=db, timeout=0.3)) as driver:
+        with write_lock_held(db, 2.5) as holder:
+            with pytest.raises(DriverError):
+                await driver.push(message, time.time())
+            assert len(gave_up()) == 1  # already written when the error arrived
+            with pytest.raises(DriverError):
+                await driver.push(message, time.time())
+            assert len(gave_up()) == 1  # rate-limited
+            await asyncio.to_thread(holder.wait, GUARD)
+        assert await driver.push(message, time.time()) == [True]
+    [line] = gave_up()
+    assert db in line
+    assert "storing messages" in line
+    assert "retries exhausted" in line
+    assert "0.3 s" in line
+    attempts = re.search(r"after (\d+) attempts", line)
+    assert attempts is not None and int(attempts.group(1)) > 1, line
 
 
 # ============================================================================ read-only

@@ -7,14 +7,16 @@ the package runs from a source tree without installed entry points.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import inspect
 import logging
 import threading
 from importlib import metadata
 
 import pluggy
 
-from . import builtin, hookspecs
+from . import base, builtin, hookspecs
 from .base import Driver
 
 logger = logging.getLogger("channels_lite.drivers.registry")
@@ -41,6 +43,8 @@ class DriverRegistry:
         self._manager = manager
         self._drivers: dict[str, type[Driver]] = {}
         self._origins: dict[str, str] = {}
+        #: Plugin name -> (distribution name, version) for plugins loaded from an entry point.
+        self._dists: dict[str, tuple[str, str | None]] = {}
         self._loaded = False
         self._lock = threading.Lock()
         self._current_plugin = "?"
@@ -84,6 +88,12 @@ class DriverRegistry:
                 self._current_plugin = impl.plugin_name
                 impl.function(register=self._register)
             self._current_plugin = "?"
+            # Only plugins loaded from an entry point have one (pluggy >= 1.3 wraps each
+            # importlib.metadata.Distribution, whose metadata and version it passes through).
+            for plugin, dist in manager.list_plugin_distinfo():
+                plugin_name = manager.get_name(plugin)
+                if plugin_name is not None:
+                    self._dists[plugin_name] = (dist.metadata["Name"], dist.version)
             self._loaded = True
             logger.debug("drivers registered: %s", ", ".join(sorted(self._drivers)))
 
@@ -94,6 +104,19 @@ class DriverRegistry:
     def origin(self, name: str) -> str:
         self.load()
         return self._origins[name]
+
+    def distribution(self, name: str) -> tuple[str | None, str | None]:
+        """(distribution name, version) of the package providing driver ``name``'s plugin.
+
+        An entry-point plugin's own distribution; otherwise (a plugin registered by hand, or
+        the built-in module registered directly in a source tree) the distribution that
+        provides the driver class's top-level package, if any is installed.
+        """
+        self.load()
+        found = self._dists.get(self._origins[name])
+        if found is not None:
+            return found
+        return _module_distribution(self._drivers[name].__module__)
 
     def get(self, name: str) -> type[Driver]:
         if ":" in name:
@@ -134,17 +157,70 @@ def available_drivers() -> dict[str, type[Driver]]:
     return _default.drivers()
 
 
-def driver_origin(name: str) -> tuple[str, str | None]:
-    """(plugin name, distribution version or None) a registered driver came from."""
-    plugin = _default.origin(name)
-    cls = _default.drivers()[name]
-    top = cls.__module__.split(".")[0]
+def _module_distribution(module: str) -> tuple[str | None, str | None]:
+    """(distribution name, version) that installs ``module``'s top-level package, or Nones."""
+    top = module.split(".", maxsplit=1)[0]
     # Editable installs are often missing from packages_distributions(); try the usual
     # distribution spelling of the import name as well.
     candidates = [*metadata.packages_distributions().get(top, []), top.replace("_", "-")]
-    for dist in candidates:
+    for candidate in candidates:
         try:
-            return plugin, metadata.version(dist)
+            dist = metadata.distribution(candidate)
         except metadata.PackageNotFoundError:
             continue
-    return plugin, None
+        return dist.metadata["Name"], dist.version
+    return None, None
+
+
+def driver_origin(name: str) -> tuple[str, str | None]:
+    """(plugin name, distribution version or None) a registered driver came from."""
+    return _default.origin(name), _default.distribution(name)[1]
+
+
+def driver_distribution(name: str) -> tuple[str | None, str | None]:
+    """(distribution name, version) of the package whose plugin registered driver ``name``:
+    ``("channels-lite", ...)`` for the built-in drivers; Nones when no installed package
+    provides it."""
+    return _default.distribution(name)
+
+
+def capability_protocols() -> list[type]:
+    """The optional capabilities: every ``runtime_checkable`` Protocol of the driver contract,
+    by name."""
+    return sorted(
+        (
+            cls
+            for _, cls in inspect.getmembers(base, inspect.isclass)
+            if cls.__module__ == base.__name__
+            and getattr(cls, "_is_protocol", False)
+            and getattr(cls, "_is_runtime_protocol", False)
+        ),
+        key=lambda cls: cls.__name__,
+    )
+
+
+def _protocol_methods(protocol: type) -> list[str]:
+    return [
+        name
+        for name, value in vars(protocol).items()
+        if not name.startswith("_") and callable(value)
+    ]
+
+
+def driver_capabilities(cls: type[Driver]) -> list[str]:
+    """Names of the optional capabilities ``cls`` implements, checked on the class.
+
+    ``isinstance(driver, Peeks)`` needs an instance, and making one validates options (a DSN,
+    a path) the caller may not have; a class has the capability when it has every one of the
+    Protocol's methods, which is all ``isinstance`` checks.
+    """
+    return [
+        protocol.__name__
+        for protocol in capability_protocols()
+        if all(callable(getattr(cls, method, None)) for method in _protocol_methods(protocol))
+    ]
+
+
+def driver_features(cls: type[Driver]) -> dict[str, object]:
+    """``cls.features`` as a plain dict: every field of :class:`~.base.DriverFeatures`."""
+    return dataclasses.asdict(cls.features)

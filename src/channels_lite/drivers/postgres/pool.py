@@ -44,6 +44,7 @@ from typing import Any, TypeVar
 
 import psycopg
 
+from channels_lite.core.ratelimit import RateLimitedLog
 from channels_lite.drivers.base import DriverError
 from channels_lite.drivers.postgres.errors import (
     ConnectionWaitTimeout,
@@ -57,6 +58,10 @@ from channels_lite.drivers.postgres.options import Target
 __all__ = ["Pool", "connect"]
 
 logger = logging.getLogger("channels_lite.drivers.postgres")
+#: A server that stays down or locked fails every call (sends, claims, upkeep), so the
+#: library's own WARNING, written before the error reaches the caller (who may not log it),
+#: is limited to one a minute per server and operation.
+_gave_up = RateLimitedLog(logger, interval=60.0)
 
 T = TypeVar("T")
 Conn = psycopg.AsyncConnection[Any]
@@ -109,17 +114,41 @@ async def _open_connection(target: Target) -> Conn:
 async def connect(target: Target, doing: str, *, deadline: float | None = None) -> Conn:
     """A new autocommit connection, retrying while the server is down until ``deadline``."""
     loop = asyncio.get_running_loop()
+    started = loop.time()
     backoff = _CONNECT_FIRST_BACKOFF
+    attempts = 0
     while True:
+        attempts += 1
         try:
             return await _open_connection(target)
         except psycopg.Error as exc:
             remaining = (deadline - loop.time()) if deadline is not None else 0.0
-            if remaining <= 0 or not _transient_connect_error(exc):
-                raise storage_error(exc, target, doing) from exc
+            transient = _transient_connect_error(exc)
+            if remaining <= 0 or not transient:
+                error = storage_error(exc, target, doing)
+                if transient and deadline is not None:
+                    _log_gave_up(
+                        target,
+                        doing,
+                        f"the server stayed unreachable for {loop.time() - started:.1f} s, "
+                        f"{attempts} attempt(s) to connect",
+                        error,
+                    )
+                raise error from exc
             logger.debug("connecting to %s failed (%s); retrying", target.where(), exc)
             await asyncio.sleep(min(backoff * (0.5 + random.random()), remaining))
             backoff = min(backoff * 2, _CONNECT_MAX_BACKOFF)
+
+
+def _log_gave_up(target: Target, doing: str, why: str, error: DriverError) -> None:
+    _gave_up.warning(
+        (target.where(), doing),
+        "PostgreSQL at %s: retries exhausted while %s (%s); raising DriverError: %s",
+        target.where(),
+        doing,
+        why,
+        error,
+    )
 
 
 def _has_pending_input(conn: Conn) -> bool:
@@ -315,11 +344,15 @@ class Pool:
         deadline = loop.time() + self.timeout
         backoff = _FIRST_BACKOFF
         replayed = False
+        attempts = 0
         while True:
             try:
                 conn = await self.getconn(deadline, doing)
             except ConnectionWaitTimeout as exc:
-                raise storage_error(exc, self.target, doing) from None
+                error = storage_error(exc, self.target, doing)
+                _log_gave_up(self.target, doing, str(exc), error)
+                raise error from None
+            attempts += 1
             try:
                 result = await op(conn)
             except psycopg.Error as exc:
@@ -336,13 +369,31 @@ class Pool:
                             " ".join(str(exc).split()),
                         )
                         continue
-                    raise storage_error(exc, self.target, doing) from exc
-                if retryable_server_error(exc) and loop.time() < deadline:
-                    delay = min(backoff * (0.5 + random.random()), deadline - loop.time())
-                    logger.debug("%s: transient %s; retrying", doing, exc.sqlstate)
-                    await asyncio.sleep(max(delay, 0))
-                    backoff = min(backoff * 2, _MAX_BACKOFF)
-                    continue
+                    error = storage_error(exc, self.target, doing)
+                    if replayed:
+                        _log_gave_up(
+                            self.target,
+                            doing,
+                            "the connection was lost again after one retry",
+                            error,
+                        )
+                    raise error from exc
+                if retryable_server_error(exc):
+                    if loop.time() < deadline:
+                        delay = min(backoff * (0.5 + random.random()), deadline - loop.time())
+                        logger.debug("%s: transient %s; retrying", doing, exc.sqlstate)
+                        await asyncio.sleep(max(delay, 0))
+                        backoff = min(backoff * 2, _MAX_BACKOFF)
+                        continue
+                    error = storage_error(exc, self.target, doing)
+                    _log_gave_up(
+                        self.target,
+                        doing,
+                        f"transient SQLSTATE {exc.sqlstate} for the whole timeout of "
+                        f"{self.timeout:g} s, {attempts} attempt(s)",
+                        error,
+                    )
+                    raise error from exc
                 raise storage_error(exc, self.target, doing) from exc
             except BaseException:
                 self.putconn(conn)

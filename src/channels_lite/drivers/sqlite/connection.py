@@ -35,6 +35,10 @@ __all__ = [
 logger = logging.getLogger("channels_lite.drivers.sqlite")
 #: Under write contention every retry would log: one DEBUG line a second per file.
 _contention = RateLimitedLog(logger, interval=1.0)
+#: A lock held past the timeout fails every call on the file (sends, claims, upkeep), so the
+#: library's own WARNING, written before the error reaches the caller (who may not log it),
+#: is limited to one a minute per file and operation.
+_gave_up = RateLimitedLog(logger, interval=60.0)
 
 T = TypeVar("T")
 
@@ -649,6 +653,16 @@ class Connection:
                     raise storage_error(exc, self.path, doing) from exc
                 remaining = deadline - loop.time()
                 if remaining <= 0:
+                    _gave_up.warning(
+                        ("locked", self.path, doing),
+                        "SQLite database %s stayed locked by another connection for more than "
+                        "the timeout of %g s while %s: retries exhausted after %d attempts, "
+                        "raising DriverError",
+                        self.path,
+                        self.timeout,
+                        doing,
+                        attempts,
+                    )
                     raise DriverError(
                         f"SQLite database {self.path!r} stayed locked by another connection "
                         f"for more than the timeout of {self.timeout:g} s while {doing} "
