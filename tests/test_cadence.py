@@ -73,7 +73,7 @@ def test_backoff_floor_above_ceiling_is_the_ceiling() -> None:
 async def test_wakeup_keeps_a_hint_that_came_while_nobody_slept() -> None:
     wakeup = Wakeup(asyncio.get_running_loop())
     wakeup.set()
-    assert await wakeup.wait(None) is True
+    assert await asyncio.wait_for(wakeup.wait(None), GUARD) is True
     assert wakeup.consume() is False  # the wait took the hint
 
 
@@ -96,7 +96,7 @@ async def test_wakeup_from_another_thread_ends_a_wait() -> None:
 
 async def test_wakeup_timeout_reports_no_hint() -> None:
     wakeup = Wakeup(asyncio.get_running_loop())
-    assert await wakeup.wait(0) is False
+    assert await asyncio.wait_for(wakeup.wait(0), GUARD) is False
 
 
 # ------------------------------------------------------------------- claim loop cadence
