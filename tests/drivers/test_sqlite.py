@@ -7,6 +7,7 @@ SQLite driver has, against real files in ``tmp_path``.
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import sqlite3
 import threading
@@ -219,6 +220,66 @@ async def test_reopening_never_waits_for_the_write_lock(
     finally:
         blocker.execute("ROLLBACK")
         blocker.close()
+
+
+def _exclusive_holder(db_path: Path) -> sqlite3.Connection:
+    """A connection that keeps every other one from even reading the file (a WAL recovery
+    or a TRUNCATE checkpoint does so briefly): opening needs to read it."""
+    holder = sqlite3.connect(db_path, isolation_level=None)
+    holder.execute("PRAGMA locking_mode = EXCLUSIVE")
+    holder.execute("BEGIN EXCLUSIVE")
+    return holder
+
+
+async def test_opening_waits_out_a_file_held_longer_than_the_busy_handler(
+    db_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Opening retries a busy file within the timeout, as every other call does (it raised
+    "database is locked" after 50 ms, under load in the lifecycle tests)."""
+    first = SQLiteDriver(path=db_path)
+    await first.open()
+    await first.close()
+    caplog.set_level(logging.DEBUG, logger="channels_lite.drivers.sqlite")
+    holder = _exclusive_holder(db_path)
+    late = SQLiteDriver(path=db_path, timeout=30)
+    opening = asyncio.ensure_future(late.open())
+    try:
+        deadline = time.monotonic() + 10
+        while not any("while opening the database" in r.getMessage() for r in caplog.records):
+            assert time.monotonic() < deadline, "opening never met the held file"
+            assert not opening.done(), opening
+            await asyncio.sleep(0.005)
+    finally:
+        holder.execute("COMMIT")
+        holder.close()
+    await asyncio.wait_for(opening, 10)
+    assert await late.push([env("c", b"x")], NOW) == [True]
+    await late.close()
+
+
+async def test_opening_a_file_held_past_the_timeout_fails_clearly(
+    db_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    first = SQLiteDriver(path=db_path)
+    await first.open()
+    await first.close()
+    threads = set(threading.enumerate())
+    holder = _exclusive_holder(db_path)
+    try:
+        late = SQLiteDriver(path=db_path, timeout=0.3)
+        with pytest.raises(DriverError) as info:
+            await late.open()
+    finally:
+        holder.execute("COMMIT")
+        holder.close()
+    message = str(info.value)
+    assert str(db_path) in message and "opening the database" in message
+    assert "CONFIG['timeout']" in message
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("retries exhausted" in r.getMessage() for r in warnings)
+    assert set(threading.enumerate()) == threads  # every attempt's worker thread ended
+    await late.open()  # the file is free now
+    await late.close()
 
 
 async def test_concurrent_first_opens_create_schema_once(db_path: Path) -> None:

@@ -416,18 +416,32 @@ class Connection:
     async def open(self) -> None:
         if self._aconn is not None:
             return
-        # Built from the public constructor with our own connector, so that the raw
-        # sqlite3 connection and the worker thread are known without private attributes.
-        aconn = aiosqlite.Connection(self._connect, 64)
-        try:
-            await aconn
-        except sqlite3.Error as exc:
-            self._join_thread()
-            raise storage_error(exc, self.path, "opening the database") from exc
-        except BaseException:
-            self._join_thread()
-            raise
-        self._aconn = aconn
+        doing = "opening the database"
+        deadline = asyncio.get_running_loop().time() + self.timeout
+        backoff = _FIRST_BACKOFF
+        attempts = 0
+        while True:
+            attempts += 1
+            # Built from the public constructor with our own connector, so that the raw
+            # sqlite3 connection and the worker thread are known without private attributes.
+            aconn = aiosqlite.Connection(self._connect, 64)
+            try:
+                await aconn
+            except sqlite3.Error as exc:
+                self._join_thread()
+                # The connection's first statements read the file, which another connection
+                # can hold for longer than the busy handler waits: recovering the WAL after
+                # the last connection closed, a TRUNCATE checkpoint, a holder of an exclusive
+                # lock. As for any other statement, wait it out within the timeout.
+                if not is_busy(exc):
+                    raise storage_error(exc, self.path, doing) from exc
+                backoff = await self._wait_out_lock(exc, doing, deadline, backoff, attempts)
+                continue
+            except BaseException:
+                self._join_thread()
+                raise
+            self._aconn = aconn
+            return
 
     def _open_inline(self) -> sqlite3.Connection | None:
         """A second connection to the file the worker's connection has open (worker thread).
@@ -651,35 +665,7 @@ class Connection:
             except sqlite3.Error as exc:
                 if not is_busy(exc):
                     raise storage_error(exc, self.path, doing) from exc
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    _gave_up.warning(
-                        ("locked", self.path, doing),
-                        "SQLite database %s stayed locked by another connection for more than "
-                        "the timeout of %g s while %s: retries exhausted after %d attempts, "
-                        "raising DriverError",
-                        self.path,
-                        self.timeout,
-                        doing,
-                        attempts,
-                    )
-                    raise DriverError(
-                        f"SQLite database {self.path!r} stayed locked by another connection "
-                        f"for more than the timeout of {self.timeout:g} s while {doing} "
-                        f"({attempts} attempts). Another process is holding a long write "
-                        "transaction: find it, or raise CONFIG['timeout']."
-                    ) from exc
-                # Jitter keeps competing processes from retrying in lockstep.
-                delay = min(backoff * (0.5 + random.random()), remaining)
-                _contention.debug(
-                    ("locked", self.path),
-                    "%s is locked while %s; retrying in %.1f ms",
-                    self.path,
-                    doing,
-                    delay * 1e3,
-                )
-                await asyncio.sleep(delay)
-                backoff = min(backoff * 2, _MAX_BACKOFF)
+                backoff = await self._wait_out_lock(exc, doing, deadline, backoff, attempts)
             except ValueError as exc:
                 if self._aconn is not None:
                     raise
@@ -687,6 +673,41 @@ class Connection:
                 raise DriverError(
                     f"the SQLite connection to {self.path!r} was closed while {doing}"
                 ) from exc
+
+    async def _wait_out_lock(
+        self, exc: sqlite3.Error, doing: str, deadline: float, backoff: float, attempts: int
+    ) -> float:
+        """After SQLITE_BUSY: sleep a jittered ``backoff`` and return the next one, or raise
+        :class:`DriverError` (after one rate-limited WARNING) once ``deadline`` has passed."""
+        remaining = deadline - asyncio.get_running_loop().time()
+        if remaining <= 0:
+            _gave_up.warning(
+                ("locked", self.path, doing),
+                "SQLite database %s stayed locked by another connection for more than "
+                "the timeout of %g s while %s: retries exhausted after %d attempts, "
+                "raising DriverError",
+                self.path,
+                self.timeout,
+                doing,
+                attempts,
+            )
+            raise DriverError(
+                f"SQLite database {self.path!r} stayed locked by another connection "
+                f"for more than the timeout of {self.timeout:g} s while {doing} "
+                f"({attempts} attempts). Another process is holding a long write "
+                "transaction: find it, or raise CONFIG['timeout']."
+            ) from exc
+        # Jitter keeps competing processes from retrying in lockstep.
+        delay = min(backoff * (0.5 + random.random()), remaining)
+        _contention.debug(
+            ("locked", self.path),
+            "%s is locked while %s; retrying in %.1f ms",
+            self.path,
+            doing,
+            delay * 1e3,
+        )
+        await asyncio.sleep(delay)
+        return min(backoff * 2, _MAX_BACKOFF)
 
 
 @contextlib.contextmanager
