@@ -15,6 +15,8 @@ from typing import Any, Protocol
 
 import msgpack
 
+from .errors import ConfigurationError
+
 logger = logging.getLogger("channels_lite.core.codec")
 
 RESERVED_KEY = "__asgi_channel__"
@@ -150,7 +152,18 @@ _SERIALIZERS: dict[str, Callable[[], Serializer]] = {
 
 
 def register_serializer(name: str, factory: Callable[[], Serializer]) -> None:
-    """Make ``serializer_format=name`` available. Registering a taken name replaces it."""
+    """Make ``serializer_format=name`` available. Registering a taken name replaces it.
+
+    Checked here, not when a layer is built: one bad registration must not break every
+    layer of the process (the registry is process-wide).
+    """
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"a serializer's name must be a non-empty str, not {name!r}")
+    if not callable(factory):
+        raise TypeError(
+            f"serializer {name!r}: the factory must be callable (returning an object with "
+            f"dumps() and loads()), not {factory!r}"
+        )
     _SERIALIZERS[name] = factory
 
 
@@ -159,7 +172,17 @@ def serializer_names() -> list[str]:
 
 
 def make_serializer(name: str) -> Serializer:
-    return _SERIALIZERS[name]()
+    serializer = _SERIALIZERS[name]()
+    if not (
+        callable(getattr(serializer, "dumps", None))
+        and callable(getattr(serializer, "loads", None))
+    ):
+        raise ConfigurationError(
+            "serializer_format",
+            f"serializer_format {name!r}: its registered factory returned {serializer!r}, "
+            "which has no dumps() and loads() methods",
+        )
+    return serializer
 
 
 class DecodeError(Exception):
