@@ -10,7 +10,6 @@ the test reveals it, with no further notification.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import itertools
 import time
 from collections.abc import Callable, Sequence
@@ -110,31 +109,6 @@ async def test_key_not_taken_for_empty_right_after_a_notification(hidden: set[st
         assert key not in claimer.clean
         hidden.discard(key)
         assert await asyncio.wait_for(receiver, GUARD) == {"n": 2}
-        await other.close()
-    finally:
-        await layer.close()
-
-
-async def test_a_driver_notifying_only_visible_changes_gets_no_rechecks(
-    hidden: set[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """With ``features.notifies_once_visible`` (PostgreSQL: a NOTIFY arrives after its commit
-    is visible), the claim a notification triggers is the whole truth: the key is taken for
-    empty at once and no rechecks are scheduled (here the push stays hidden, which such a
-    driver never does, so that trusting it shows)."""
-    visible = dataclasses.replace(MemoryDriver.features, notifies_once_visible=True)
-    monkeypatch.setattr(MemoryDriver, "features", visible)
-    layer = ChannelLayer(driver="memory", store=f"claim-loop-{next(_stores)}", poll_interval=60)
-    try:
-        channel, receiver, claimer, other = await _waiting_with_hidden_push(layer, hidden, {"n": 3})
-        key = routing_key(channel)
-        await _until(
-            lambda: claimer._generation > 0 and key in claimer.clean,
-            "the key taken for empty after the notification",
-        )
-        assert claimer._rechecks == () and claimer._distrust_until == 0.0
-        receiver.cancel()
-        await asyncio.gather(receiver, return_exceptions=True)
         await other.close()
     finally:
         await layer.close()

@@ -793,47 +793,6 @@ async def test_sends_are_handed_on_from_their_notification_once_and_in_order(
 
 
 @pytest.mark.asyncio
-async def test_handed_on_rows_are_deleted_in_batches_unless_a_channel_needs_the_room(
-    make_driver: Any, long_trust: None, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Rows of messages handed on from notifications wait for one DELETE to take many; once a
-    channel has DELETE_SOON_SHARE of its capacity waiting, they go at once; close() deletes
-    what still waits."""
-    from channels_lite.drivers.postgres import driver as driver_module
-
-    monkeypatch.setattr(driver_module, "DELETE_LAZY", 3600.0)  # never, within this test
-    a, sender = await make_driver(), await make_driver()
-    await _trusting(a, "k!")
-    deletes: list[int] = []
-    run_delete = a._ops.run_delete
-
-    async def counting(conn: Any, ids: Any) -> Any:
-        deletes.append(len(ids))
-        return await run_delete(conn, ids=ids)
-
-    a._ops.run_delete = counting
-    for i in range(5):
-        await sender.push([env("x.k!roomy", f"{i}".encode(), key="k!", capacity=1000)], NOW)
-    assert len(await _claim_until(a, "k!", 5)) == 5
-    for _ in range(5):
-        await asyncio.sleep(0)
-    assert deletes == [] and _stored(a) == 5
-    # Capacity 20: the second row waiting is a tenth of it.
-    for i in range(2):
-        await sender.push([env("x.k!tight", f"t{i}".encode(), key="k!", capacity=20)], NOW)
-    assert len(await _claim_until(a, "k!", 2)) == 2
-    await eventually(lambda: _stored(a) == 0, "the rows of the tight channel, and the others")
-    assert deletes == [7]
-    await sender.push([env("x.k!roomy", b"last", key="k!", capacity=1000)], NOW)
-    assert await _claim_until(a, "k!", 1) == [b"last"]
-    assert _stored(a) == 1
-    dsn, table = a.dsn, a._ops.tables.messages
-    await a.close()
-    assert deletes == [7, 1]
-    assert sql(dsn, f"SELECT count(*) FROM {table}")[0][0] == 0
-
-
-@pytest.mark.asyncio
 async def test_a_notification_without_the_message_sends_the_key_back_to_the_table(
     make_driver: Any,
 ) -> None:

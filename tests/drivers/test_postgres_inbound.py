@@ -106,26 +106,6 @@ def test_a_small_channel_asks_for_its_rows_deleted_before_handing_on() -> None:
     assert box.take_doomed() == [2, 3]
 
 
-def test_a_channel_with_a_tenth_of_its_capacity_handed_on_asks_for_its_rows_deleted_soon() -> None:
-    """Rows of roomy channels may wait for a batched DELETE; a channel counting handed-on rows
-    as a tenth of its capacity (DELETE_SOON_SHARE) must not wait. take_doomed() starts over."""
-    box = trusted()
-    for row_id in range(2, 6):  # 4 rows of a channel of capacity 100: 4% of it
-        box.note("k!", note(row_id, "x.k!roomy", b"r"))
-    box.note("k!", note(6, "x.k!tight", b"t", capacity=30))  # 1 row of 30: 3%
-    assert len(box.serve(ClaimRequest("k!", 10), NOW) or []) == 5
-    assert not box.delete_soon and not box.delete_first
-    box.note("k!", note(7, "x.k!tight", b"t", capacity=30))
-    box.note("k!", note(8, "x.k!tight", b"t", capacity=30))  # 3 rows of 30: 10%
-    assert len(box.serve(ClaimRequest("k!", 10), NOW) or []) == 2
-    assert box.delete_soon and not box.delete_first
-    assert box.take_doomed() == [2, 3, 4, 5, 6, 7, 8]
-    assert not box.delete_soon
-    box.note("k!", note(9, "x.k!tight", b"t", capacity=30))
-    assert len(box.serve(ClaimRequest("k!", 10), NOW) or []) == 1
-    assert not box.delete_soon
-
-
 def test_a_forgotten_record_breaks_the_chain_instead_of_guessing(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -109,10 +109,6 @@ class ClaimLoop:
         # that kept receiving would then never trust any key again.
         self._rechecks: tuple[float, ...] = ()
         self._distrust_until = 0.0
-        # Unless the driver only notifies what claims can see already: then a claim after a
-        # notification is the whole truth, and rechecks would only cost wake-ups (about two
-        # claim rounds per message at 200 msg/s).
-        self._notified_visible = driver.features.notifies_once_visible
         #: Parked: nobody waits, and only a wake() starts the next claim.
         self.parked = False
         self._deferrer: DefersChanges | None = None
@@ -138,9 +134,8 @@ class ClaimLoop:
 
     def _on_change(self) -> None:
         self._generation += 1
-        if not self._notified_visible:
-            self._rechecks = _RECHECKS
-            self._distrust_until = self.loop.time() + _RECHECK_WINDOW
+        self._rechecks = _RECHECKS
+        self._distrust_until = self.loop.time() + _RECHECK_WINDOW
         self.clean.clear()
         if self.parked:
             # Nobody waits, so there is nothing to claim; the next receiver wakes us itself

@@ -117,12 +117,6 @@ class DriverFeatures:
     persistent: bool
     #: Largest number of envelopes the core hands to one :meth:`Driver.push` call.
     max_batch: int = 1000
-    #: With :class:`ChangeNotifier`: a listener is only ever called once the change it
-    #: announces is visible to a claim on any instance (PostgreSQL delivers a NOTIFY after
-    #: its transaction committed). The core then trusts the claim a notification triggers,
-    #: and skips the rechecks it otherwise runs for a change announced a moment before it
-    #: became visible (SQLite: the WAL is written, then its index).
-    notifies_once_visible: bool = False
 
 
 class Driver(abc.ABC):

@@ -71,16 +71,8 @@ logger = logging.getLogger("channels_lite.drivers.postgres")
 #: them short-lived async_to_sync loops) skip the extra connection and round trips.
 _PREPARED: set[tuple[str, str]] = set()
 
-#: Seconds between handing messages on from their notifications and deleting their rows,
-#: when a channel needs the room (see :attr:`.inbound.Inbound.delete_soon`) or many are due.
+#: Seconds between handing messages on from their notifications and deleting their rows.
 DELETE_DELAY = 0.002
-#: Otherwise: rows wait this long, so that one DELETE takes many of them. A DELETE per
-#: message was half the receiving process's CPU at 200 msg/s (1.08 against 0.57 ms a
-#: message, measured with 50 ms here), a cost channels_postgres, which leaves its rows to
-#: expire, does not pay.
-DELETE_LAZY = 0.05
-#: Rows handed on that make the deletion run after DELETE_DELAY however little time passed.
-DELETE_BATCH = 256
 
 
 def _not_listening(key: str) -> None:
@@ -92,10 +84,8 @@ class PostgresDriver(Driver):
     """Messages and groups in PostgreSQL tables; wake-ups by targeted LISTEN/NOTIFY."""
 
     name: ClassVar[str] = "postgres"
-    # A NOTIFY reaches listeners after its transaction committed and became visible
-    # (CommitTransaction ends it in the proc array before it signals them).
     features: ClassVar[DriverFeatures] = DriverFeatures(
-        cross_process=True, persistent=True, max_batch=1000, notifies_once_visible=True
+        cross_process=True, persistent=True, max_batch=1000
     )
     option_docs: ClassVar[Mapping[str, str]] = {
         "dsn": "libpq connection string or URI, e.g. 'postgresql://user:pw@host:5432/db' "
@@ -168,7 +158,6 @@ class PostgresDriver(Driver):
         self._listener: Listener | None = None
         self._inbound: Inbound | None = None
         self._deleting: asyncio.Task[None] | None = None
-        self._delete_timer: asyncio.TimerHandle | None = None
         # Sent with this instance's NOTIFYs, so that its own listener skips them: the core
         # hears of its own pushes directly, and a wake-up for them only costs a claim.
         self._token = secrets.token_hex(8)
@@ -258,7 +247,6 @@ class PostgresDriver(Driver):
         if listener is not None:
             await listener.stop()
         await self._listeners.settle()
-        self._cancel_delete_timer()
         deleting, self._deleting = self._deleting, None
         if deleting is not None:
             await asyncio.wait({deleting})
@@ -270,7 +258,6 @@ class PostgresDriver(Driver):
             logger.debug("closed the pool to %s", pool.target.where())
 
     def _close_now(self) -> None:
-        self._cancel_delete_timer()
         listener, self._listener = self._listener, None
         if listener is not None:
             listener.close_now()
@@ -370,30 +357,13 @@ class PostgresDriver(Driver):
         return served + inbound.claimed(ticket, rest, rows, listening)
 
     def _schedule_deletes(self) -> None:
-        """Delete the rows handed on a moment from now: never before the receivers just
-        served ran, and later still (one DELETE for many) while no channel needs the room."""
-        inbound = self._inbound
-        assert inbound is not None
-        urgent = inbound.delete_soon or len(inbound.doomed) >= DELETE_BATCH
-        loop = asyncio.get_running_loop()
-        due = loop.time() + (DELETE_DELAY if urgent else DELETE_LAZY)
-        timer = self._delete_timer
-        if timer is not None:
-            if timer.when() <= due:
-                return
-            timer.cancel()
-        self._delete_timer = loop.call_at(due, self._start_deletes)
-
-    def _start_deletes(self) -> None:
-        self._delete_timer = None
         if self._deleting is None or self._deleting.done():
-            self._deleting = asyncio.get_running_loop().create_task(self._delete_handed_on())
-        # else: the deletion running now goes on while anything is doomed.
+            self._deleting = asyncio.get_running_loop().create_task(self._delete_soon())
 
-    def _cancel_delete_timer(self) -> None:
-        timer, self._delete_timer = self._delete_timer, None
-        if timer is not None:
-            timer.cancel()
+    async def _delete_soon(self) -> None:
+        # Let the receivers just served run first, and let deletions gather into one batch.
+        await asyncio.sleep(DELETE_DELAY)
+        await self._delete_handed_on()
 
     async def _delete_handed_on(self) -> None:
         """Delete the rows of messages handed on from notifications, in batches."""

@@ -23,12 +23,8 @@ How that stays exactly once and in order while the row is still in the table for
   claim that meets one drops it (its DELETE was the row's deletion).
 - **Crash.** A row handed on but not yet deleted stays in the table under the dead process's
   key and goes when that key is reaped, as every message of a dead process does.
-- **Capacity** still counts a handed-on row until its deletion: the channel looks fuller
-  than it is for that long, never emptier. Rows of a channel of capacity below
-  :data:`DELETE_FIRST_BELOW` are deleted before their messages are handed on; others wait
-  for one DELETE to take many (the driver's ``DELETE_LAZY``, 50 ms), except that once a
-  channel has :data:`DELETE_SOON_SHARE` of its capacity waiting, they go within a couple of
-  milliseconds.
+- **Capacity** still counts a handed-on row until its deletion, a millisecond or so later:
+  the channel looks fuller than it is for that long, never emptier.
 """
 
 from __future__ import annotations
@@ -153,9 +149,6 @@ def delivered_for(conninfo: str, namespace: str) -> Delivered:
 #: processes) can bring the next one back before a background delete, and that send would
 #: find the channel full (conformance: test_capacity_one_ping_pong_between_instances).
 DELETE_FIRST_BELOW = 10
-#: Above it, rows may wait to be deleted in a batch (see the driver's DELETE_LAZY) until a
-#: channel has this fraction of its capacity handed on and not deleted: then they go soon.
-DELETE_SOON_SHARE = 0.1
 
 
 @dataclass(slots=True)
@@ -204,11 +197,6 @@ class Inbound:
         #: Something handed on belongs to a channel below DELETE_FIRST_BELOW: the driver
         #: deletes before it returns (and clears this).
         self.delete_first = False
-        #: A channel has DELETE_SOON_SHARE of its capacity in :attr:`doomed`: its rows must
-        #: not wait for a lazy batch (cleared by :meth:`take_doomed`).
-        self.delete_soon = False
-        #: Channel -> its rows in :attr:`doomed`.
-        self._doomed_per_channel: dict[str, int] = {}
         #: For tests and stats: messages handed on from notifications.
         self.handed_on = 0
 
@@ -302,11 +290,6 @@ class Inbound:
             self.doomed.append(item.row_id)
             if item.capacity < DELETE_FIRST_BELOW:
                 self.delete_first = True
-            else:
-                count = self._doomed_per_channel.get(message.channel, 0) + 1
-                self._doomed_per_channel[message.channel] = count
-                if count >= item.capacity * DELETE_SOON_SHARE:
-                    self.delete_soon = True
             out.append(message)
         if held is not None:
             kept.extend(held)
@@ -362,6 +345,4 @@ class Inbound:
 
     def take_doomed(self) -> list[int]:
         doomed, self.doomed = self.doomed, []
-        self.delete_soon = False
-        self._doomed_per_channel.clear()
         return doomed
