@@ -408,7 +408,7 @@ async def _limit_pages(layer: ChannelLayer, extra: int) -> None:
 
 
 async def test_disk_full_clear_error_accepted_messages_intact(
-    make_layer: Callable[..., ChannelLayer], db: str
+    make_layer: Callable[..., ChannelLayer], db: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The disk fills up: ``send`` raises a DriverError saying so and naming the file; every
     message accepted before is delivered; a group_send that did not fit stored nothing; once
@@ -428,6 +428,7 @@ async def test_disk_full_clear_error_accepted_messages_intact(
     assert db in message
     assert "full" in message
     assert "free some space" in message
+    _assert_logged(caplog, db, "free some space")
     assert accepted > 0
     with pytest.raises(DriverError):
         await layer.group_send("fault.room", {"big": "y" * 50_000})
@@ -494,10 +495,12 @@ async def test_unusable_file_clear_error(
     db: str,
     damage: Callable[[Path], None],
     hint: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Garbage, corrupt pages, a truncated file: every call raises a DriverError naming the
-    file and the remedy, within the timeout; the file is left as it was (it may be evidence);
-    a waiting receive is never handed garbage."""
+    file and the remedy, within the timeout, and the driver logs it (an ERROR naming them
+    too); the file is left as it was (it may be evidence); a waiting receive is never handed
+    garbage."""
     if damage is not _not_sqlite:
         seed = make_layer()
         for n in range(60):
@@ -527,6 +530,17 @@ async def test_unusable_file_clear_error(
             pytest.fail("a call on an unusable database succeeded")
         assert loop.time() - started < 5.0
     assert Path(db).read_bytes() == before
+    _assert_logged(caplog, db, hint)
+
+
+def _assert_logged(caplog: pytest.LogCaptureFixture, db: str, hint: str) -> None:
+    """The driver logged the error itself: a caller may swallow the exception."""
+    logged = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "channels_lite.drivers.sqlite" and r.levelno == logging.ERROR
+    ]
+    assert any(db in text and hint in text for text in logged), logged
 
 
 # ================================================================= file deleted while running

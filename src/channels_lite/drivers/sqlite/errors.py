@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 
+from channels_lite.core.ratelimit import RateLimitedLog
 from channels_lite.drivers.base import DriverError
 
 __all__ = ["is_busy", "storage_error"]
@@ -17,6 +19,11 @@ _SQLITE_CORRUPT = 11
 _SQLITE_FULL = 13
 _SQLITE_CANTOPEN = 14
 _SQLITE_NOTADB = 26
+
+logger = logging.getLogger("channels_lite.drivers.sqlite")
+#: The error also goes to the caller, who may not log it; a broken file fails every call
+#: (sends, claims, upkeep), so one ERROR a minute per file, kind of failure and operation.
+_logged = RateLimitedLog(logger, interval=60.0)
 
 
 def _primary_code(exc: sqlite3.Error) -> int | None:
@@ -66,4 +73,6 @@ def storage_error(exc: sqlite3.Error, path: str, doing: str) -> DriverError:
         hint = "the operating system reported an I/O error; check the disk and the filesystem"
     else:
         hint = "see the cause below"
-    return DriverError(f"SQLite failed while {doing} on {path!r}: {exc}; {hint}")
+    message = f"SQLite failed while {doing} on {path!r}: {exc}; {hint}"
+    _logged.error((path, code, doing), "channels-lite: %s", message)
+    return DriverError(message)
