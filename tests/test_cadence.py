@@ -19,8 +19,9 @@ import pytest
 from channels_lite import ChannelLayer
 from channels_lite.core import receiver
 from channels_lite.core.cadence import Backoff, Wakeup
-from channels_lite.drivers.base import Claimed, ClaimRequest, Driver, DriverFeatures, Envelope
+from channels_lite.drivers.base import Claimed, ClaimRequest, Envelope
 from channels_lite.drivers.memory import MemoryDriver
+from plain_memory import PlainMemoryDriver
 
 if TYPE_CHECKING:
     from conftest import ManualTimers
@@ -125,45 +126,12 @@ def claims(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return counts
 
 
-class PolledMemoryDriver(Driver):
+class PolledMemoryDriver(PlainMemoryDriver):
     """The memory driver without change notifications (a ``ChangeNotifier`` it is not): a
     driver the core has to poll, so no key is ever trusted to be empty and every normal-channel
     send goes through storage."""
 
     name: ClassVar[str] = "test-polled-memory"
-    features: ClassVar[DriverFeatures] = DriverFeatures(cross_process=False, persistent=False)
-    option_docs: ClassVar[dict[str, str]] = MemoryDriver.option_docs
-
-    def __init__(self, **options: Any) -> None:
-        super().__init__(**options)
-        self._inner = MemoryDriver(**options)
-
-    async def open(self) -> None:
-        await self._inner.open()
-
-    async def close(self) -> None:
-        await self._inner.close()
-
-    async def push(self, envelopes: Sequence[Envelope], now: float) -> list[bool]:
-        return await self._inner.push(envelopes, now)
-
-    async def claim(self, requests: Sequence[ClaimRequest], now: float) -> list[Claimed]:
-        return await self._inner.claim(requests, now)
-
-    async def group_add(self, group: str, channel: str, key: str, expires_at: float) -> None:
-        await self._inner.group_add(group, channel, key, expires_at)
-
-    async def group_discard(self, group: str, channel: str) -> None:
-        await self._inner.group_discard(group, channel)
-
-    async def group_channels(self, group: str, now: float) -> list[str]:
-        return await self._inner.group_channels(group, now)
-
-    async def purge(self, now: float) -> int:
-        return await self._inner.purge(now)
-
-    async def flush(self) -> None:
-        await self._inner.flush()
 
 
 def _polled_layer() -> ChannelLayer:

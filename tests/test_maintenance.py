@@ -10,7 +10,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +17,9 @@ import pytest
 
 from channels_lite import ChannelLayer, cli, maintenance
 from channels_lite.drivers.base import (
-    Claimed,
-    ClaimRequest,
-    Driver,
-    DriverFeatures,
-    Envelope,
     SupportsStats,
 )
-from channels_lite.drivers.memory import MemoryDriver
+from plain_memory import PlainMemoryDriver
 
 PAST = time.time() - 10_000  # messages sent "then" with a short expiry are expired now
 
@@ -342,42 +336,10 @@ def test_conformance_cli_isolates_prefixes(tmp_path: Path) -> None:
 # -- a driver without the optional SupportsStats capability ------------------------------------
 
 
-class NoStatsDriver(Driver):
+class NoStatsDriver(PlainMemoryDriver):
     """Delegates to the memory driver, minus ``stats``."""
 
     name = "nostats"
-    features = DriverFeatures(cross_process=False, persistent=False)
-
-    def __init__(self, **options: Any) -> None:
-        super().__init__(**options)
-        self._inner = MemoryDriver()
-
-    async def open(self) -> None:
-        await self._inner.open()
-
-    async def close(self) -> None:
-        await self._inner.close()
-
-    async def push(self, envelopes: Sequence[Envelope], now: float) -> list[bool]:
-        return await self._inner.push(envelopes, now)
-
-    async def claim(self, requests: Sequence[ClaimRequest], now: float) -> list[Claimed]:
-        return await self._inner.claim(requests, now)
-
-    async def group_add(self, group: str, channel: str, key: str, expires_at: float) -> None:
-        await self._inner.group_add(group, channel, key, expires_at)
-
-    async def group_discard(self, group: str, channel: str) -> None:
-        await self._inner.group_discard(group, channel)
-
-    async def group_channels(self, group: str, now: float) -> list[str]:
-        return await self._inner.group_channels(group, now)
-
-    async def purge(self, now: float) -> int:
-        return await self._inner.purge(now)
-
-    async def flush(self) -> None:
-        await self._inner.flush()
 
 
 def test_no_stats_driver_really_lacks_it() -> None:

@@ -1,0 +1,48 @@
+"""The memory driver without its optional capabilities, for tests that need a driver the core
+has to poll (no ``ChangeNotifier``) or one without ``SupportsStats``: only the ``Driver``
+methods are passed through."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+from channels_lite.drivers.base import Claimed, ClaimRequest, Driver, DriverFeatures, Envelope
+from channels_lite.drivers.memory import MemoryDriver
+
+
+class PlainMemoryDriver(Driver):
+    name: ClassVar[str] = "test-plain-memory"
+    features: ClassVar[DriverFeatures] = DriverFeatures(cross_process=False, persistent=False)
+    option_docs: ClassVar[dict[str, str]] = dict(MemoryDriver.option_docs)
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self._inner = MemoryDriver(**options)
+
+    async def open(self) -> None:
+        await self._inner.open()
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+    async def push(self, envelopes: Sequence[Envelope], now: float) -> list[bool]:
+        return await self._inner.push(envelopes, now)
+
+    async def claim(self, requests: Sequence[ClaimRequest], now: float) -> list[Claimed]:
+        return await self._inner.claim(requests, now)
+
+    async def group_add(self, group: str, channel: str, key: str, expires_at: float) -> None:
+        await self._inner.group_add(group, channel, key, expires_at)
+
+    async def group_discard(self, group: str, channel: str) -> None:
+        await self._inner.group_discard(group, channel)
+
+    async def group_channels(self, group: str, now: float) -> list[str]:
+        return await self._inner.group_channels(group, now)
+
+    async def purge(self, now: float) -> int:
+        return await self._inner.purge(now)
+
+    async def flush(self) -> None:
+        await self._inner.flush()
