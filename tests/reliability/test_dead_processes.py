@@ -235,12 +235,6 @@ async def test_stalled_database_does_not_reap_live_processes(
     await asyncio.to_thread(children.finish, ["live"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core/driver: the reaping grace covers stalls of up to ~1.75 x process_timeout; a "
-    "longer one (a suspended machine or VM, a lock held by a stopped process) still makes the "
-    "first renewal afterwards reap every live process (see the reliability report)",
-)
 async def test_long_stall_does_not_reap_live_processes(children: Children, db: str) -> None:
     """As above, with the database stalled for 3.5 x process_timeout (process_timeout=1 s and
     drivers that wait up to 8 s for the lock, so that every renewal waits rather than fails)."""

@@ -22,14 +22,24 @@ _failures = RateLimitedLog(logger, interval=300.0)
 
 
 async def renew_lease(
-    liveness: SupportsLiveness, key: str, now: float, process_timeout: float
+    liveness: SupportsLiveness,
+    key: str,
+    now: float,
+    process_timeout: float,
+    *,
+    stalled: float = 0.0,
 ) -> None:
     """Take or renew ``key``'s lease until ``now + process_timeout``, and reap the processes
-    whose lease lapsed a whole ``process_timeout`` before ``now``."""
+    whose lease lapsed a whole ``process_timeout`` (plus ``stalled``) before ``now``.
+
+    ``stalled``: how much later than planned this renewal comes after the previous one.
+    """
     # Reap only leases that lapsed that long ago: after the database stalls (a lock held by a
     # stopped process, a suspended machine), every live process gets that long to renew before
-    # anyone counts it dead.
-    dead = await liveness.heartbeat(key, now + process_timeout, now - process_timeout)
+    # anyone counts it dead. A stall longer than that delayed this process's own renewals as
+    # much as everyone else's (their leases lapsed because nobody could renew): the reaping
+    # horizon moves back by as much, and a dead process is reaped one round later instead.
+    dead = await liveness.heartbeat(key, now + process_timeout, now - process_timeout - stalled)
     if dead:
         logger.info("channels-lite: reaped %d dead process(es): %s", len(dead), dead)
 
@@ -74,14 +84,18 @@ class Upkeep:
         # Renew the lease well inside the timeout so one slow round cannot expire it.
         beat_every = self.process_timeout / 4
         next_purge = next_beat = 0.0
+        # When the last renewal that went through started (its ``now`` set the lease's end).
+        last_beat: float | None = None
         while not self._stopping and self._is_current(self):
             now = self.clock()
             key = self._process_key() if liveness is not None else None
             if liveness is not None and key is not None and now >= next_beat:
                 # Set before the call: a broken database must not turn this into a busy loop.
                 next_beat = now + beat_every
+                late = 0.0 if last_beat is None else max(0.0, now - last_beat - beat_every)
                 try:
-                    await renew_lease(liveness, key, now, self.process_timeout)
+                    await renew_lease(liveness, key, now, self.process_timeout, stalled=late)
+                    last_beat = now
                 except DriverError:
                     _failures.exception(
                         "heartbeat", "channels-lite: renewing the process lease failed"
