@@ -21,12 +21,11 @@ from channels_lite.core import receiver
 from channels_lite.core.cadence import Backoff, Wakeup
 from channels_lite.drivers.base import Claimed, ClaimRequest, Envelope
 from channels_lite.drivers.memory import MemoryDriver
-from plain_memory import PlainMemoryDriver
+from support import GUARD, PlainMemoryDriver
 
 if TYPE_CHECKING:
     from conftest import ManualTimers
 
-GUARD = 10.0
 
 # ------------------------------------------------------------------------------ Backoff
 

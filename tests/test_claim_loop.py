@@ -23,17 +23,9 @@ from channels_lite.core.receiver import ClaimLoop
 from channels_lite.drivers.base import Claimed, ClaimRequest, Driver, Envelope
 from channels_lite.drivers.memory import MemoryDriver
 from channels_lite.drivers.sqlite import SQLiteDriver
+from support import GUARD, until
 
-GUARD = 10.0
 _stores = itertools.count()
-
-
-async def _until(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + GUARD
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"never happened: {what}")
-        await asyncio.sleep(0.001)
 
 
 @pytest.fixture
@@ -61,7 +53,7 @@ async def _waiting_with_hidden_push(
     channel = await layer.new_channel()
     key = routing_key(channel)
     receiver = asyncio.ensure_future(layer.receive(channel))
-    await _until(lambda: layer._claimer is not None, "a claim loop started")
+    await until(lambda: layer._claimer is not None, "a claim loop started")
     claimer = layer._claimer
     assert claimer is not None
     other = claimer.driver.sibling()
@@ -83,13 +75,13 @@ async def test_late_visible_message_reaches_a_receiver_after_the_loop_parked(
     try:
         channel, first, claimer, other = await _waiting_with_hidden_push(layer, hidden, {"n": 1})
         key = routing_key(channel)
-        await _until(
+        await until(
             lambda: claimer._generation > 0 and key in claimer.clean,
             "the key taken for empty after the notification",
         )
         first.cancel()
         await asyncio.gather(first, return_exceptions=True)
-        await _until(lambda: claimer.parked, "the claim loop parked")
+        await until(lambda: claimer.parked, "the claim loop parked")
         hidden.discard(key)  # the commit is visible now; nobody is notified again
         assert await asyncio.wait_for(layer.receive(channel), GUARD) == {"n": 1}
         await other.close()
@@ -123,10 +115,10 @@ async def test_normal_channel_send_goes_straight_to_a_waiting_local_receiver(
     layer = ChannelLayer(driver="sqlite", path=str(tmp_path / "db.sqlite3"))
     try:
         receiver = asyncio.ensure_future(layer.receive("jobs"))
-        await _until(lambda: layer._claimer is not None, "a claim loop started")
+        await until(lambda: layer._claimer is not None, "a claim loop started")
         claimer = layer._claimer
         assert claimer is not None
-        await _until(lambda: "jobs" in claimer.clean, "storage known empty for 'jobs'")
+        await until(lambda: "jobs" in claimer.clean, "storage known empty for 'jobs'")
         await layer.send("jobs", {"n": 1})
         assert await asyncio.wait_for(receiver, GUARD) == {"n": 1}
         assert pushes == []
@@ -156,15 +148,15 @@ async def test_normal_channel_burst_reaches_local_receivers_that_come_back(
 
     receivers = [asyncio.ensure_future(receive_forever(into)) for into in got]
     try:
-        await _until(lambda: layer._claimer is not None, "a claim loop started")
+        await until(lambda: layer._claimer is not None, "a claim loop started")
         claimer = layer._claimer
         assert claimer is not None
-        await _until(lambda: "jobs" in claimer.clean, "storage known empty for 'jobs'")
+        await until(lambda: "jobs" in claimer.clean, "storage known empty for 'jobs'")
         if not known_empty:
             claimer.stored({"jobs"})
         for n in range(300):
             await layer.send("jobs", {"n": n})
-        await _until(lambda: sum(map(len, got)) == 300, "every message received")
+        await until(lambda: sum(map(len, got)) == 300, "every message received")
         assert sorted(n for into in got for n in into) == list(range(300))
         assert all(into == sorted(into) for into in got)
         # Just stored: the first send finds the claim loop asleep (nothing woke it), stores
@@ -227,7 +219,7 @@ async def test_a_draining_claim_loop_defers_notifications_and_lets_them_through_
         waiting = asyncio.ensure_future(layer.receive("jobs"))
         claimer = layer._claimer
         assert claimer is not None
-        await _until(lambda: calls[-1] is False, "notifications let through before waiting")
+        await until(lambda: calls[-1] is False, "notifications let through before waiting")
         assert not waiting.done()
         await other.send("jobs", {"n": burst})
         assert await asyncio.wait_for(waiting, GUARD) == {"n": burst}
@@ -258,14 +250,14 @@ async def test_a_claim_that_drained_every_key_is_not_repeated_at_once(
         # in the loop turn right after it).
         when_received: list[list[int]] = []
         waiting.add_done_callback(lambda _: when_received.append(list(claims)))
-        await _until(lambda: bool(claims), "the first claim (nothing there yet)")
+        await until(lambda: bool(claims), "the first claim (nothing there yet)")
         await other.send(channel, {"n": 1})
         assert await asyncio.wait_for(waiting, GUARD) == {"n": 1}
         assert when_received[0][-1] == 1, "an empty claim ran before the receiver got its message"
         after = len(claims)
         # A receiver coming back wakes it (the key is not known to be empty).
         again = asyncio.ensure_future(layer.receive(channel))
-        await _until(lambda: len(claims) > after, "a claim for the receiver that came back")
+        await until(lambda: len(claims) > after, "a claim for the receiver that came back")
         await other.send(channel, {"n": 2})
         assert await asyncio.wait_for(again, GUARD) == {"n": 2}
         idle.cancel()

@@ -19,7 +19,7 @@ from channels_lite import ChannelLayer, cli, maintenance
 from channels_lite.drivers.base import (
     SupportsStats,
 )
-from plain_memory import PlainMemoryDriver
+from support import PlainMemoryDriver
 
 PAST = time.time() - 10_000  # messages sent "then" with a short expiry are expired now
 

@@ -22,16 +22,7 @@ from channels_lite.core.held import Held
 from channels_lite.core.naming import routing_key
 from channels_lite.drivers.base import Claimed, ClaimRequest, DriverError
 from channels_lite.drivers.sqlite import SQLiteDriver
-
-GUARD = 10.0
-
-
-async def _until(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + GUARD
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"never happened: {what}")
-        await asyncio.sleep(0.001)
+from support import GUARD, until
 
 
 @pytest.fixture
@@ -54,7 +45,7 @@ async def two_processes(tmp_path: Path) -> AsyncIterator[Callable[..., tuple[Cha
 async def _round_trip(layer: ChannelLayer, other: ChannelLayer, channel: str, n: object) -> None:
     """``other`` sends to ``channel`` while a receiver of ``layer`` waits there."""
     waiting = asyncio.ensure_future(layer.receive(channel))
-    await _until(lambda: layer._claimer is not None, "a claim loop")
+    await until(lambda: layer._claimer is not None, "a claim loop")
     await other.send(channel, {"n": n})
     assert await asyncio.wait_for(waiting, GUARD) == {"n": n}
 
@@ -64,7 +55,7 @@ async def _start_peeking(layer: ChannelLayer, other: ChannelLayer, channel: str)
     receiver: make those rounds happen."""
     for _ in range(receiver._DIRECT_BEFORE_PEEK):
         await _round_trip(layer, other, channel, "warm-up")
-    await _until(lambda: len(layer._held) == 0, "warm-up over")
+    await until(lambda: len(layer._held) == 0, "warm-up over")
 
 
 async def _stored(layer: ChannelLayer, key: str) -> list[Claimed]:
@@ -88,7 +79,7 @@ async def test_own_messages_are_peeked_delivered_once_and_removed(
     channel = await layer.new_channel()
     for n in range(20):
         await _round_trip(layer, other, channel, n)
-    await _until(lambda: len(layer._held) == 0, "every delivered message removed")
+    await until(lambda: len(layer._held) == 0, "every delivered message removed")
     assert await _stored(layer, routing_key(channel)) == []
     # The first rounds claim (nothing says yet that messages come one at a time).
     direct = receiver._DIRECT_BEFORE_PEEK
@@ -107,7 +98,7 @@ async def test_normal_channels_are_claimed_never_peeked(
     """Any process may claim a normal channel: a peek there could deliver a message twice."""
     layer, other = two_processes()
     waiting = asyncio.ensure_future(layer.receive("jobs"))
-    await _until(lambda: sqlite_calls["claim"] != [], "a first claim")
+    await until(lambda: sqlite_calls["claim"] != [], "a first claim")
     await other.send("jobs", {"n": 1})
     assert await asyncio.wait_for(waiting, GUARD) == {"n": 1}
     assert sqlite_calls["peek"] == []
@@ -159,7 +150,7 @@ async def test_a_failed_removal_is_retried_and_never_delivers_twice(
     nxt = asyncio.ensure_future(layer.receive(channel))
     await other.send(channel, {"n": 2})
     assert await asyncio.wait_for(nxt, GUARD) == {"n": 2}
-    await _until(lambda: failures[0] == 0 and len(layer._held) == 0, "removal retried")
+    await until(lambda: failures[0] == 0 and len(layer._held) == 0, "removal retried")
     assert await _stored(layer, routing_key(channel)) == []
 
 

@@ -1,17 +1,34 @@
-"""The memory driver without its optional capabilities, for tests that need a driver the core
-has to poll (no ``ChangeNotifier``) or one without ``SupportsStats``: only the ``Driver``
-methods are passed through."""
+"""Helpers shared by the core's tests: waiting for background work, and a driver without
+optional capabilities."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+import time
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 from channels_lite.drivers.base import Claimed, ClaimRequest, Driver, DriverFeatures, Envelope
 from channels_lite.drivers.memory import MemoryDriver
 
+#: Seconds a test waits for something that should happen at once before it fails.
+GUARD = 10.0
+
+
+async def until(condition: Callable[[], bool], what: str) -> None:
+    """Poll ``condition``: only for background work that has no event to wait on."""
+    deadline = time.monotonic() + GUARD
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"never happened: {what}")
+        await asyncio.sleep(0.001)
+
 
 class PlainMemoryDriver(Driver):
+    """The memory driver without its optional capabilities: a driver the core has to poll (no
+    ``ChangeNotifier``), and one without ``SupportsStats``. Only the ``Driver`` methods are
+    passed through."""
+
     name: ClassVar[str] = "test-plain-memory"
     features: ClassVar[DriverFeatures] = DriverFeatures(cross_process=False, persistent=False)
     option_docs: ClassVar[dict[str, str]] = dict(MemoryDriver.option_docs)
