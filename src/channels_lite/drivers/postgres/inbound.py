@@ -19,8 +19,10 @@ How that stays exactly once and in order while the row is still in the table for
   holds its channel's capacity lock until it commits).
 - **Never twice.** A process-wide record (:class:`Delivered`, shared by the driver instances
   of every event loop) keeps, per (key, channel), the highest row id handed on by either path:
-  a notification at or below it is stale. Rows handed on but not yet deleted are *taken*: a
-  claim that meets one drops it (its DELETE was the row's deletion).
+  a notification at or below it is stale, and so is a claimed row (a claim answered after
+  the background DELETE of a row it had locked first still carries that row). Rows handed
+  on but not yet deleted are *taken*: a claim that meets one drops it (its DELETE was the
+  row's deletion).
 - **Crash.** A row handed on but not yet deleted stays in the table under the dead process's
   key and goes when that key is reaped, as every message of a dead process does.
 - **Capacity** still counts a handed-on row until its deletion, a millisecond or so later:
@@ -114,10 +116,20 @@ class Delivered:
 
     def claimed(self, key: str, channel: str, row_id: int) -> bool:
         """A claim removed row ``row_id``: False when it was handed on already (drop it);
-        otherwise it is recorded as delivered."""
+        otherwise it is recorded as delivered.
+
+        Being *taken* is not enough to tell: a claim and the background DELETE of a row
+        handed on can meet on the server (the claim locks the row first, the DELETE waits
+        for it and then finds nothing), and the DELETE's answer may be read first, which
+        ends the row's *taken* state before the claim's answer comes in. The channel's
+        record still says it: a row at or below its highest delivered id was delivered
+        (a channel's rows are handed on in id order, see the module docstring).
+        """
         with self._lock:
             if row_id in self._taken:
                 self._taken.discard(row_id)
+                return False
+            if self._seen(key, channel, row_id):
                 return False
             self._record(key, channel, row_id)
             return True
