@@ -66,6 +66,7 @@ async def _latency_child(out: Any, index: int, key: str, config: dict[str, Any])
         out.put(("ready", index, channel))
         delays: list[float] = []
         received = 0
+        seen: set[int] = set()
         with contextlib.suppress(TimeoutError):  # messages were lost: report what arrived
             while True:
                 message = await asyncio.wait_for(layer.receive(channel), STALL)
@@ -73,9 +74,11 @@ async def _latency_child(out: Any, index: int, key: str, config: dict[str, Any])
                 if message["type"] == "bench.stop":
                     break
                 received += 1
+                seen.add(message["i"])
                 if message["i"] >= 0:
                     delays.append(now - message["t"])
-        out.put(("result", index, {"delays": delays, "received": received}))
+        result = {"delays": delays, "received": received, "unique": len(seen)}
+        out.put(("result", index, result))
     finally:
         await close_layer(key, layer)
 
@@ -365,7 +368,9 @@ def latency(key: str, config: dict[str, Any], sizes: Sizes) -> dict[str, float]:
     return {
         "p50_ms": percentile(delays, 50) * 1e3,
         "p99_ms": percentile(delays, 99) * 1e3,
-        "lost": n + WARMUP - result["received"],
+        # A message received twice must not hide a lost one (nor show as "-1 lost").
+        "duplicates": result["received"] - result["unique"],
+        "lost": n + WARMUP - result["unique"],
     }
 
 
