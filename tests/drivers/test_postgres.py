@@ -793,6 +793,39 @@ async def test_sends_are_handed_on_from_their_notification_once_and_in_order(
 
 
 @pytest.mark.asyncio
+async def test_a_claim_answered_after_the_background_delete_drops_the_handed_on_row(
+    make_driver: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A trust re-check claim locks a row just handed on before its background DELETE does:
+    the DELETE waits, finds nothing, and its answer may be read before the claim's. Forced
+    here by running the background deletion between the claim's statement and the reading
+    of its rows. The claim's copy of the row must not be delivered a second time."""
+    a, sender = await make_driver(), await make_driver()
+    # Rows handed on are deleted only when this test says so.
+    monkeypatch.setattr(a, "_schedule_deletes", lambda: None)
+    await _trusting(a, "k!")
+    await sender.push([env("x.k!1", b"first", key="k!")], NOW)
+    got = await _claim_until(a, "k!", 1)
+    assert got == [b"first"] and a._inbound.handed_on == 1
+    assert _stored(a) == 1 and a._inbound.delivered.pending == 1
+    await sender.push([env("x.k!1", b"second", key="k!")], NOW)
+    await eventually(lambda: a._listener.notifications >= 2, "the second notification")
+    run_claim = a._ops.run_claim
+
+    async def delete_in_between(*args: Any) -> Any:
+        rows = await run_claim(*args)
+        await a._delete_handed_on()
+        return rows
+
+    a._ops.run_claim = delete_in_between
+    a._inbound.break_chain("k!")  # as when trust lapses
+    assert [m.payload for m in await a.claim([ClaimRequest("k!", 10)], NOW)] == [b"second"]
+    assert _stored(a) == 0 and a._inbound.delivered.pending == 0
+    # The second message's notification, read by now, is stale too.
+    assert await a.claim([ClaimRequest("k!", 10)], NOW) == []
+
+
+@pytest.mark.asyncio
 async def test_a_notification_without_the_message_sends_the_key_back_to_the_table(
     make_driver: Any,
 ) -> None:
