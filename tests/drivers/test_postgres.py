@@ -826,6 +826,36 @@ async def test_a_claim_answered_after_the_background_delete_drops_the_handed_on_
 
 
 @pytest.mark.asyncio
+async def test_answered_pings_keep_a_key_served_from_notifications(
+    make_driver: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While keys are trusted the listener pings every TRUST_TTL / 2 and each answer renews
+    their trust: a message arriving long after the drained claim is still handed on from its
+    notification, with no claim round trip in its way."""
+    from channels_lite.drivers.postgres import inbound
+
+    monkeypatch.setattr(inbound, "TRUST_TTL", 0.4)
+    a, sender = await make_driver(), await make_driver()
+    await _trusting(a, "k!")
+    claims = 0
+    run_claim = a._ops.run_claim
+
+    async def counting(*args: Any) -> Any:
+        nonlocal claims
+        claims += 1
+        return await run_claim(*args)
+
+    a._ops.run_claim = counting
+    start, pings = time.monotonic(), a._listener.pings
+    # Three times the trust's lifetime, measured in answered pings.
+    await eventually(lambda: a._listener.pings >= pings + 6, "six pings")
+    assert time.monotonic() - start > inbound.TRUST_TTL
+    await sender.push([env("x.k!1", b"late", key="k!")], NOW)
+    assert await _claim_until(a, "k!", 1) == [b"late"]
+    assert claims == 0 and a._inbound.handed_on == 1
+
+
+@pytest.mark.asyncio
 async def test_a_notification_without_the_message_sends_the_key_back_to_the_table(
     make_driver: Any,
 ) -> None:

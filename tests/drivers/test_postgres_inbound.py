@@ -70,6 +70,31 @@ def test_trust_needs_a_drained_claim_with_the_listen_in_place() -> None:
     assert box.trusts("k!")
 
 
+def test_an_answered_ping_renews_trust_without_reviving_a_broken_chain(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = [1000.0]
+    monkeypatch.setattr(inbound.time, "monotonic", lambda: clock[0])
+    box = trusted("k!")
+    for key in ("j!", "m!"):
+        ticket = box.ticket([key], lambda _: 1)
+        box._process_keys.add(key)
+        box.claimed(ticket, [ClaimRequest(key, 5)], [], lambda _: 1)
+    box.break_chain("j!")
+    clock[0] += 0.5
+    box.alive(clock[0])
+    clock[0] += inbound.TRUST_TTL - 0.01
+    box.note("k!", note(2, "x.k!c", b"second"))
+    assert [m.payload for m in box.serve(ClaimRequest("k!", 10), NOW) or []] == [b"second"]
+    assert box.serve(ClaimRequest("j!", 10), NOW) is None  # broken: back to the table
+    # An older ping never shortens trust; without a newer one it lapses on time.
+    box.alive(clock[0] - inbound.TRUST_TTL)
+    clock[0] += 0.02
+    assert box.serve(ClaimRequest("k!", 10), NOW) is None
+    assert box.serve(ClaimRequest("m!", 10), NOW) is None
+    assert not box.trusting
+
+
 def test_normal_channel_keys_are_never_trusted() -> None:
     box = Inbound(Delivered())
     ticket = box.ticket(["jobs"], lambda _: 1)

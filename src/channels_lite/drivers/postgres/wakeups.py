@@ -39,6 +39,7 @@ from typing import Any
 
 import psycopg
 
+from channels_lite.drivers.postgres import inbound as inbound_module
 from channels_lite.drivers.postgres.inbound import Inbound
 from channels_lite.drivers.postgres.options import Target
 
@@ -120,9 +121,10 @@ class Listener:
         self._reader_fd: int | None = None
         self._lost = False
         self._notified_during_command = False
-        #: For tests and stats: connections made, notifications seen.
+        #: For tests and stats: connections made, notifications seen, pings answered.
         self.connects = 0
         self.notifications = 0
+        self.pings = 0
 
     # -- control, from the driver (on its loop) --------------------------------------------
 
@@ -249,20 +251,29 @@ class Listener:
         self._notified_during_command = False
         self._fire()
         last_ping = time.monotonic()
+        inbound = self._inbound
         while True:
             self._changed.clear()
             self._attach_reader(conn)
             try:
-                await _wait_event(self._changed, PING_INTERVAL)
+                # With keys wanted, trust may be established at any moment: look often enough
+                # to renew it before it lapses.
+                await _wait_event(self._changed, _trust_ping() if self._wanted else PING_INTERVAL)
             finally:
                 self._detach_reader()
             if self._lost:
                 raise _ConnectionLost("the server closed the connection")
-            if time.monotonic() - last_ping >= PING_INTERVAL:
+            sent = time.monotonic()
+            trusting = inbound is not None and inbound.trusting
+            if sent - last_ping >= (_trust_ping() if trusting else PING_INTERVAL):
                 # A quiet connection may be dead without anyone telling us (no FIN from a
-                # vanished host): a round trip, bounded, proves it alive.
+                # vanished host): a round trip, bounded, proves it alive, and renews the trust
+                # of the keys served from notifications (see .inbound).
                 await asyncio.wait_for(conn.execute("SELECT 1"), self._timeout)
                 last_ping = time.monotonic()
+                self.pings += 1
+                if trusting and inbound is not None:
+                    inbound.alive(sent)
                 self._forget_idle_keys()
             # New LISTENs: a message committed between the claim that revealed the key and
             # now was not announced. Dropped ones: the core may believe those keys empty and
@@ -334,6 +345,9 @@ class Listener:
         if self._take(notify.channel, notify.payload):
             self.notifications += 1
             self._notified_during_command = True
+            # Now, not once the command is done: a ping renewing trust runs while messages
+            # arrive, and the message this notification carries is ready to hand on.
+            self._fire()
 
     def _take(self, channel: str, text: str) -> bool:
         """Route one notification; False for this instance's own (not a change for us)."""
@@ -355,6 +369,11 @@ class Listener:
             self._on_change()
         except Exception:
             logger.exception("channels-lite: a change listener failed")
+
+
+def _trust_ping() -> float:
+    """Seconds between pings while keys are trusted: two chances to renew before a lapse."""
+    return min(PING_INTERVAL, inbound_module.TRUST_TTL / 2)
 
 
 async def _wait_event(event: asyncio.Event, timeout: float) -> bool:
