@@ -360,11 +360,11 @@ class Inbound:
     def alive(self, since: float) -> None:
         """The listening connection answered a ping sent at ``since`` (time.monotonic()).
 
-        Every notification committed before then has reached us (the server sends pending
-        notifications before it answers), and the connection was alive then: a key trusted
-        now, whose chain has not broken, stays trusted until ``since + TRUST_TTL``. Keys whose
-        trust lapsed and was dropped by :meth:`serve` are not revived: a claim re-establishes
-        them.
+        The connection was alive then, which is all that trust's lifetime stands guard for
+        (a live connection delivers every notification, in commit order; what breaks a
+        chain breaks it at once): a key trusted now stays trusted until ``since +
+        TRUST_TTL``. Keys whose trust lapsed and was dropped by :meth:`serve` are not
+        revived: a claim re-establishes them.
         """
         until = since + TRUST_TTL
         trusted = self._trusted
