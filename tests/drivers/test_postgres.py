@@ -743,6 +743,19 @@ async def _trusting(driver: Any, key: str) -> None:
     assert driver._inbound.trusts(key)
 
 
+def _count_claims(driver: Any) -> list[int]:
+    """Record every claim ``driver`` sends to the table (one entry each) from now on."""
+    claims: list[int] = []
+    run_claim = driver._ops.run_claim
+
+    async def counting(*args: Any) -> Any:
+        claims.append(1)
+        return await run_claim(*args)
+
+    driver._ops.run_claim = counting
+    return claims
+
+
 async def _claim_until(driver: Any, key: str, count: int, limit: int = 10) -> list[bytes]:
     got: list[bytes] = []
     deadline = time.monotonic() + GUARD
@@ -765,15 +778,7 @@ async def test_sends_are_handed_on_from_their_notification_once_and_in_order(
     it on without a claim round trip, exactly once, in order, and deletes the row afterwards."""
     a, sender = await make_driver(), await make_driver()
     await _trusting(a, "k!")
-    claims = 0
-    run_claim = a._ops.run_claim
-
-    async def counting(*args: Any) -> Any:
-        nonlocal claims
-        claims += 1
-        return await run_claim(*args)
-
-    a._ops.run_claim = counting
+    claims = _count_claims(a)
     for i in range(20):
         await sender.push([env(f"x.k!{i % 3}", f"{i}".encode(), key="k!")], NOW)
     got = await _claim_until(a, "k!", 20, limit=3)
@@ -781,7 +786,7 @@ async def test_sends_are_handed_on_from_their_notification_once_and_in_order(
     for c in range(3):  # in order within each channel
         mine = [int(p) for p in got if int(p) % 3 == c]
         assert mine == sorted(mine)
-    assert claims == 0 and a._inbound.handed_on == 20
+    assert claims == [] and a._inbound.handed_on == 20
     # Both: the rows go at the DELETE's commit, the record of them once its reply is read.
     await eventually(
         lambda: _stored(a) == 0 and a._inbound.delivered.pending == 0,
@@ -837,22 +842,14 @@ async def test_answered_pings_keep_a_key_served_from_notifications(
     monkeypatch.setattr(inbound, "TRUST_TTL", 0.4)
     a, sender = await make_driver(), await make_driver()
     await _trusting(a, "k!")
-    claims = 0
-    run_claim = a._ops.run_claim
-
-    async def counting(*args: Any) -> Any:
-        nonlocal claims
-        claims += 1
-        return await run_claim(*args)
-
-    a._ops.run_claim = counting
+    claims = _count_claims(a)
     start, pings = time.monotonic(), a._listener.pings
     # Three times the trust's lifetime, measured in answered pings.
     await eventually(lambda: a._listener.pings >= pings + 6, "six pings")
     assert time.monotonic() - start > inbound.TRUST_TTL
     await sender.push([env("x.k!1", b"late", key="k!")], NOW)
     assert await _claim_until(a, "k!", 1) == [b"late"]
-    assert claims == 0 and a._inbound.handed_on == 1
+    assert claims == [] and a._inbound.handed_on == 1
 
 
 @pytest.mark.asyncio
