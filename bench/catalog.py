@@ -99,6 +99,13 @@ SCENARIOS: list[Scenario] = [
         cross_process=True,
     ),
     Scenario(
+        "sporadic",
+        "cross-process latency, {s.sporadic_messages} msgs {s.sporadic_gap:g} s apart",
+        "p50 / p99 ms",
+        lambda spec, config, ctx: xproc.sporadic(spec.key, config, ctx.sizes),
+        cross_process=True,
+    ),
+    Scenario(
         "xput",
         "cross-process throughput, 1 sender process ({s.sender_tasks} tasks) -> "
         "1 receiver process, {s.xput_messages:,} msgs",

@@ -91,7 +91,7 @@ def cell(res: Results, scenario: Scenario, spec: LayerSpec) -> str:
     if not res.ok(s, k):
         err = res.errors(s, k)[0].splitlines()[0]
         return f"error: {err[:60]}"
-    if s == "latency":
+    if s in ("latency", "sporadic"):
         return f"{_ms(res.median(s, k, 'p50_ms'))} / {_ms(res.median(s, k, 'p99_ms'))}" + _flags(
             res, s, k
         )
@@ -114,7 +114,7 @@ def cell(res: Results, scenario: Scenario, spec: LayerSpec) -> str:
 
 def ratio_cell(res: Results, scenario: Scenario, other: str, subject: str = SUBJECT) -> str:
     s = scenario.key
-    if s == "latency":
+    if s in ("latency", "sporadic"):
         return " / ".join(
             _ratio(res.median(s, subject, m), res.median(s, other, m)) for m in ("p50_ms", "p99_ms")
         )

@@ -344,7 +344,18 @@ async def _send_many(layer: Any, channel: str, n: int, tasks: int) -> None:
 
 def latency(key: str, config: dict[str, Any], sizes: Sizes) -> dict[str, float]:
     """A paced stream to another process's process-specific channel: delay send -> receipt."""
-    n, interval = sizes.latency_messages, 1 / sizes.latency_rate
+    return _paced(key, config, sizes.latency_messages, 1 / sizes.latency_rate, WARMUP, sizes)
+
+
+def sporadic(key: str, config: dict[str, Any], sizes: Sizes) -> dict[str, float]:
+    """The same, one message every ``sporadic_gap`` seconds: a chat's traffic, where each
+    message finds both processes idle."""
+    return _paced(key, config, sizes.sporadic_messages, sizes.sporadic_gap, 3, sizes)
+
+
+def _paced(
+    key: str, config: dict[str, Any], n: int, interval: float, warmup: int, sizes: Sizes
+) -> dict[str, float]:
     with Children(_latency_child, [(key, config)], sizes.timeout) as kids:
         (channel,) = kids.expect("ready")
 
@@ -352,12 +363,14 @@ def latency(key: str, config: dict[str, Any], sizes: Sizes) -> dict[str, float]:
             layer = build_layer(key, config)
             try:
                 due = time.monotonic()
-                for i in range(-WARMUP, n):
+                for i in range(-warmup, n):
                     delay = due - time.monotonic()
                     if delay > 0:
                         await asyncio.sleep(delay)
                     await layer.send(channel, {"type": "bench.lat", "i": i, "t": time.monotonic()})
-                    due += interval
+                    # The warm-up goes at the latency scenario's pace; every timed message
+                    # comes a whole interval after the one before it.
+                    due += interval if i + 1 >= 0 else min(interval, 1 / sizes.latency_rate)
                 await layer.send(channel, {"type": "bench.stop"})
             finally:
                 await close_layer(key, layer)
@@ -370,7 +383,7 @@ def latency(key: str, config: dict[str, Any], sizes: Sizes) -> dict[str, float]:
         "p99_ms": percentile(delays, 99) * 1e3,
         # A message received twice must not hide a lost one (nor show as "-1 lost").
         "duplicates": result["received"] - result["unique"],
-        "lost": n + WARMUP - result["unique"],
+        "lost": n + warmup - result["unique"],
     }
 
 
