@@ -100,7 +100,7 @@ SCENARIOS: list[Scenario] = [
     ),
     Scenario(
         "sporadic",
-        "cross-process latency, {s.sporadic_messages} msgs {s.sporadic_gap:g} s apart",
+        "latency of {s.sporadic_messages} cross-process msgs {s.sporadic_gap:g} s apart",
         "p50 / p99 ms",
         lambda spec, config, ctx: xproc.sporadic(spec.key, config, ctx.sizes),
         cross_process=True,

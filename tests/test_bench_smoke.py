@@ -19,6 +19,7 @@ ROWS = [
     "group_sends: delivered",
     "delay group_send → receipt, p99",
     "cross-process latency",
+    "cross-process msgs 0.05 s apart",
     "cross-process throughput",
     "receiver processes",
     "idle process with",
