@@ -1,9 +1,11 @@
-"""Helpers shared by the core's tests: waiting for background work, and a driver without
-optional capabilities."""
+"""Helpers shared by the core's tests: waiting for background work, a driver without
+optional capabilities, and running the conformance command."""
 
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
@@ -13,6 +15,17 @@ from channels_lite.drivers.memory import MemoryDriver
 
 #: Seconds a test waits for something that should happen at once before it fails.
 GUARD = 10.0
+
+
+def run_conformance(*argv: str) -> subprocess.CompletedProcess[str]:
+    """``python -m channels_lite conformance *argv`` in a child process, its output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "channels_lite", "conformance", *argv],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
 
 
 async def until(condition: Callable[[], bool], what: str) -> None:

@@ -20,6 +20,7 @@ from channels_lite.cli import build_parser, main
 from channels_lite.drivers import base
 from channels_lite.drivers.memory import MemoryDriver
 from channels_lite.drivers.sqlite import SQLiteDriver
+from support import run_conformance
 
 ALL_CAPABILITIES = ["ChangeNotifier", "DefersChanges", "Peeks", "SupportsLiveness", "SupportsStats"]
 #: Keys of ``drivers --json`` before capabilities and packages were added: scripts read them.
@@ -143,23 +144,13 @@ def test_drivers_into_a_closed_pipe_exits_quietly() -> None:
 def test_conformance_summary_lists_skip_reasons() -> None:
     """The memory driver lacks Peeks and DefersChanges and is not persistent: the summary
     counts each reason, and the counts add up to the skipped total."""
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "channels_lite",
-            "conformance",
-            "--driver",
-            "memory",
-            "--",
-            "-q",
-            "-k",
-            "peek or defer or persistent or test_driver_fifo_single_pushes",
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=300,
+    result = run_conformance(
+        "--driver",
+        "memory",
+        "--",
+        "-q",
+        "-k",
+        "peek or defer or persistent or test_driver_fifo_single_pushes",
     )
     assert result.returncode == 0, result.stdout + result.stderr
     summary = re.search(

@@ -19,7 +19,7 @@ from channels_lite import ChannelLayer, cli, maintenance
 from channels_lite.drivers.base import (
     SupportsStats,
 )
-from support import PlainMemoryDriver
+from support import PlainMemoryDriver, run_conformance
 
 PAST = time.time() - 10_000  # messages sent "then" with a short expiry are expired now
 
@@ -307,25 +307,15 @@ def test_manage_clean_channels_is_purge(project: Path, db: Path) -> None:
 
 
 def test_conformance_cli_isolates_prefixes(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "channels_lite",
-            "conformance",
-            "--driver",
-            "sqlite",
-            "--option",
-            f"path={tmp_path}/shared-{{unique}}.sqlite3",
-            "--",
-            "-q",
-            "-k",
-            "test_driver_fifo_single_pushes or test_driver_flush_empties_everything",
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=300,
+    result = run_conformance(
+        "--driver",
+        "sqlite",
+        "--option",
+        f"path={tmp_path}/shared-{{unique}}.sqlite3",
+        "--",
+        "-q",
+        "-k",
+        "test_driver_fifo_single_pushes or test_driver_flush_empties_everything",
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "2 passed, 0 failed" in result.stdout
