@@ -15,7 +15,7 @@ from typing import Any
 from bench.catalog import SCENARIOS, Scenario
 from bench.layers import BASELINE, CEILING, LAYERS, SUBJECT, LayerSpec
 from bench.sizes import Sizes
-from bench.stats import median
+from bench.stats import median, percentile
 
 Metrics = dict[str, Any]
 
@@ -187,6 +187,67 @@ def postgres_table(res: Results, layers: list[LayerSpec]) -> list[str]:
         "means it is better.",
         "",
     ]
+    return lines
+
+
+#: Latency scenarios whose every delay is kept (``delays_ms``), and the percentiles shown of
+#: them pooled over all repetitions.
+_POOLED = ("latency", "sporadic")
+_POOLED_PCTS = (50.0, 90.0, 99.0, 99.9)
+
+
+def _pairs(res: Results, s: str, a: str, b: str, metric: str) -> tuple[int, int]:
+    """(repetitions where ``a``'s metric was lower than ``b``'s, repetitions with both)."""
+    runs_a = res.runs.get(s, {}).get(a, [])
+    runs_b = res.runs.get(s, {}).get(b, [])
+    lower = both = 0
+    for ma, mb in zip(runs_a, runs_b, strict=False):
+        if metric in ma and metric in mb:
+            both += 1
+            lower += ma[metric] < mb[metric]
+    return lower, both
+
+
+def pooled_tables(res: Results, layers: list[LayerSpec]) -> list[str]:
+    """Latency percentiles over every message of every repetition, and paired counts.
+
+    A repetition's p99 is decided by its handful of slowest messages, often one scheduling
+    hiccup of this machine; pooled, the p99 rests on a hundred of them.
+    """
+    lines: list[str] = []
+    keys = [spec.key for spec in layers]
+    for s in _POOLED:
+        rows = []
+        for spec in layers:
+            delays = [d for m in res.ok(s, spec.key) for d in m.get("delays_ms", ())]
+            if delays:
+                cells = [_ms(percentile(delays, pct)) for pct in _POOLED_PCTS]
+                rows.append(f"| {spec.label} | {len(delays):,} | " + " | ".join(cells) + " |")
+        if not rows:
+            continue
+        head = " | ".join(f"p{pct:g}" for pct in _POOLED_PCTS)
+        lines += [
+            f"## {s}: every repetition pooled (ms)",
+            "",
+            f"| layer | messages | {head} |",
+            "|" + "---|" * (2 + len(_POOLED_PCTS)),
+            *rows,
+            "",
+        ]
+        for subject in (PG_SUBJECT, SUBJECT):
+            if subject not in keys:
+                continue
+            for other in keys:
+                if other == subject or not res.ok(s, other):
+                    continue
+                p50, n = _pairs(res, s, subject, other, "p50_ms")
+                p99, _ = _pairs(res, s, subject, other, "p99_ms")
+                if n:
+                    lines.append(
+                        f"- {LAYERS[subject].label} against {LAYERS[other].label}, same "
+                        f"repetition: lower p50 in {p50} of {n}, lower p99 in {p99} of {n}."
+                    )
+        lines.append("")
     return lines
 
 
@@ -420,6 +481,7 @@ def render(
         "in-process layers.",
         "",
         *postgres_table(res, layers),
+        *pooled_tables(res, layers),
         *growth_tables(res, layers),
         "## Goals of issue 3 (channels-lite sqlite)",
         "",
@@ -447,6 +509,8 @@ def _compact(metrics: Metrics) -> str:
         return "error: " + metrics["error"].strip().splitlines()[-1][:120]
     parts = []
     for k, v in metrics.items():
+        if isinstance(v, list):
+            continue  # raw samples (see pooled_tables)
         if isinstance(v, float):
             parts.append(f"{k}={v:,.2f}" if abs(v) < 100 else f"{k}={v:,.0f}")
         else:

@@ -65,8 +65,17 @@ def test_bench_smoke_run(tmp_path: Path) -> None:
 
     for curve in ("cost per message vs channels", "cost per delivered message vs group members"):
         assert curve in report
-    growth_rows = [line for line in table if line.startswith(tuple(f"| {x} |" for x in LAYERS))]
+    growth = report.split("**", 1)[1].split("## ", 1)[0]  # from the first curve's title
+    growth_rows = [
+        line for line in growth.splitlines() if line.startswith(tuple(f"| {x} |" for x in LAYERS))
+    ]
     assert len(growth_rows) == 4  # two curves x two layers
     assert not any("error" in line for line in growth_rows)
+    # Every latency sample of every repetition, pooled: one row per cross-process layer.
+    for scenario in ("latency", "sporadic"):
+        section = report.split(f"## {scenario}: every repetition pooled (ms)", 1)[1]
+        rows = [line for line in section.split("\n\n")[1].splitlines() if line.startswith("| ")]
+        assert rows[0].startswith("| layer | messages | p50 | p90 | p99 | p99.9 |")
+        assert [row.split("|")[1].strip() for row in rows[1:]] == ["channels-lite sqlite"]
     assert "## Goals of issue 3" in report
     assert "## Machine" in report
