@@ -22,7 +22,16 @@ from channels_lite.drivers.memory import MemoryDriver
 from channels_lite.drivers.sqlite import SQLiteDriver
 from support import run_conformance
 
-ALL_CAPABILITIES = ["ChangeNotifier", "DefersChanges", "Peeks", "SupportsLiveness", "SupportsStats"]
+ALL_CAPABILITIES = [
+    "ChangeNotifier",
+    "ClaimsReady",
+    "DefersChanges",
+    "Peeks",
+    "SupportsLiveness",
+    "SupportsStats",
+]
+#: What the SQLite driver implements: all but ClaimsReady (its notifications carry no message).
+SQLITE_CAPABILITIES = [c for c in ALL_CAPABILITIES if c != "ClaimsReady"]
 #: Keys of ``drivers --json`` before capabilities and packages were added: scripts read them.
 STABLE_KEYS = {"name", "class", "plugin", "version", "cross_process", "persistent", "options"}
 
@@ -43,7 +52,7 @@ def test_drivers_json_builtin_sqlite(capsys: pytest.CaptureFixture[str]) -> None
     # Every field DriverFeatures declares, whatever fields later releases add.
     assert row["features"] == dataclasses.asdict(SQLiteDriver.features)
     assert row["features"]["max_batch"] == SQLiteDriver.features.max_batch
-    assert row["capabilities"] == ALL_CAPABILITIES
+    assert row["capabilities"] == SQLITE_CAPABILITIES
     assert set(row["options"]) == set(SQLiteDriver.option_docs)
 
 
@@ -55,6 +64,19 @@ def test_drivers_json_builtin_memory(capsys: pytest.CaptureFixture[str]) -> None
     assert row["features"]["cross_process"] is False
     # The memory driver neither peeks nor defers wake-ups (its conformance run skips those).
     assert row["capabilities"] == ["ChangeNotifier", "SupportsLiveness", "SupportsStats"]
+
+
+def test_drivers_json_builtin_postgres_capabilities(capsys: pytest.CaptureFixture[str]) -> None:
+    """Its notifications carry messages (ClaimsReady); it neither peeks nor defers wake-ups."""
+    pytest.importorskip("psycopg")
+    from channels_lite.drivers.postgres import PostgresDriver
+
+    row = drivers_json(capsys)["postgres"]
+    expected = ["ChangeNotifier", "ClaimsReady", "SupportsLiveness", "SupportsStats"]
+    assert row["capabilities"] == expected
+    instance = PostgresDriver(dsn="postgresql://nobody@127.0.0.1:1/nothing")
+    protocols = [getattr(base, name) for name in ALL_CAPABILITIES]
+    assert [p.__name__ for p in protocols if isinstance(instance, p)] == expected
 
 
 def test_drivers_capabilities_match_isinstance(
@@ -83,7 +105,7 @@ def test_drivers_text(capsys: pytest.CaptureFixture[str]) -> None:
         f"{key}={value}" for key, value in dataclasses.asdict(SQLiteDriver.features).items()
     ]
     assert sqlite[1].split()[:3] == ["cross_process=True", "persistent=True", "max_batch=1000"]
-    assert sqlite[2] == f"    capabilities: {', '.join(ALL_CAPABILITIES)}"
+    assert sqlite[2] == f"    capabilities: {', '.join(SQLITE_CAPABILITIES)}"
     assert any(line.startswith("    option path: ") for line in sqlite)
     memory = blocks["memory"].splitlines()
     assert "package channels-lite" in memory[0]

@@ -40,6 +40,7 @@ from channels_lite.drivers.base import (
     SupportsStats,
 )
 from channels_lite.drivers.postgres import PostgresDriver
+from channels_lite.drivers.postgres.inbound import DELETE_FIRST_BELOW
 from channels_lite.drivers.postgres.schema import SCHEMA_VERSION
 
 ENV = "CHANNELS_LITE_TEST_POSTGRES_DSN"
@@ -795,6 +796,42 @@ async def test_sends_are_handed_on_from_their_notification_once_and_in_order(
     # Nothing comes back, from the table or from late notifications.
     a._inbound.break_chain("k!")
     assert await a.claim([ClaimRequest("k!", 100)], NOW) == []
+
+
+@pytest.mark.asyncio
+async def test_claim_ready_hands_on_what_notifications_brought_without_a_claim(
+    make_driver: Any, long_trust: None
+) -> None:
+    """ClaimsReady: what notifications brought for a trusted key, at once and without I/O,
+    exactly once across claim_ready and claim; nothing for a key not trusted, and nothing of
+    a channel whose rows must be deleted before handing on (claim does that)."""
+    a, sender = await make_driver(), await make_driver()
+    await _trusting(a, "k!")
+    claims = _count_claims(a)
+    for i in range(3):
+        await sender.push([env("x.k!c", f"{i}".encode(), key="k!")], NOW)
+    await sender.push([env("x.u!c", b"untrusted", key="u!")], NOW)
+    requests = [ClaimRequest("k!", 10), ClaimRequest("u!", 10)]
+    got: list[bytes] = []
+
+    def ready() -> bool:
+        got.extend(m.payload for m in a.claim_ready(requests, NOW))
+        return len(got) >= 3
+
+    await eventually(ready, "three messages from their notifications")
+    assert got == [b"0", b"1", b"2"] and claims == []
+    assert a.claim_ready(requests, NOW) == []
+    await sender.push([env("x.k!s", b"small", key="k!", capacity=DELETE_FIRST_BELOW - 1)], NOW)
+    await eventually(lambda: bool(a._inbound._held.get("k!")), "the small channel's note")
+    assert a.claim_ready(requests, NOW) == []
+    assert claims == []
+    # claim hands the small one on (deleting its row first); the untrusted key is claimed
+    # from the table; nothing handed on at once comes back.
+    got = [m.payload for m in await a.claim(requests, NOW)]
+    assert sorted(got) == [b"small", b"untrusted"] and claims == [1]
+    await eventually(lambda: _stored(a) == 0, "the handed-on rows to be deleted")
+    a._inbound.break_chain("k!")
+    assert await a.claim(requests, NOW) == []
 
 
 @pytest.mark.asyncio

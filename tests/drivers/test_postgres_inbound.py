@@ -151,6 +151,25 @@ def test_a_small_channel_asks_for_its_rows_deleted_before_handing_on() -> None:
     assert box.take_doomed() == [2, 3]
 
 
+def test_serving_at_once_leaves_a_small_channel_and_what_follows_it_held() -> None:
+    """claim_ready cannot wait for a deletion: it stops before a message of a channel below
+    DELETE_FIRST_BELOW, and the next claim hands that one and the rest on, in order."""
+    box = trusted()
+    box.note("k!", note(2, "x.k!c", b"roomy"))
+    box.note("k!", note(3, "x.k!c", b"small", capacity=inbound.DELETE_FIRST_BELOW - 1))
+    box.note("k!", note(4, "x.k!c", b"after"))
+    got = box.serve(ClaimRequest("k!", 10), NOW, at_once=True)
+    assert [m.payload for m in got or []] == [b"roomy"]
+    assert not box.delete_first
+    assert box.serve(ClaimRequest("k!", 10), NOW, at_once=True) == []
+    assert [m.payload for m in box.serve(ClaimRequest("k!", 10), NOW) or []] == [
+        b"small",
+        b"after",
+    ]
+    assert box.delete_first
+    assert box.take_doomed() == [2, 3, 4]
+
+
 def test_a_forgotten_record_breaks_the_chain_instead_of_guessing(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

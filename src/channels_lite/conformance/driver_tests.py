@@ -21,10 +21,12 @@ from channels_lite.drivers.base import (
     ChangeNotifier,
     Claimed,
     ClaimRequest,
+    ClaimsReady,
     DefersChanges,
     Driver,
     DriverConfigError,
     DriverFeatures,
+    Envelope,
     Peeks,
     StorageStats,
     SupportsLiveness,
@@ -1236,6 +1238,57 @@ class DriverTests(ConformanceFixtures):
         finally:
             driver.defer_changes(False)
             notifier.remove_change_listener(fired.set)
+
+    @pytest.mark.asyncio
+    async def test_driver_claim_ready_and_claim_give_each_message_once_in_order(
+        self, driver: Driver, sibling: Driver
+    ) -> None:
+        """ClaimsReady, used as the core does (claim_ready right after each notification, a
+        claim now and then): every message exactly once, in push order per channel, within
+        the limit, never one of an excluded channel; claim_ready is a plain call."""
+        notifier = _notifier(driver)
+        if not isinstance(driver, ClaimsReady):
+            pytest.skip(
+                f"driver {driver.name!r} does not implement the optional ClaimsReady protocol "
+                "(the core claims after every notification)"
+            )
+        key = "ready!"
+        requests = [ClaimRequest(key=key, limit=2)]
+        fired = asyncio.Event()
+        notifier.add_change_listener(fired.set)
+        got: list[Claimed] = []
+
+        async def pushed(*batch: Envelope) -> None:
+            fired.clear()
+            await sibling.push(list(batch), NOW)
+            await asyncio.wait_for(fired.wait(), GUARD)
+
+        try:
+            got += await driver.claim(requests, NOW)
+            for i in range(40):
+                await pushed(envelope(f"ready!{i % 2}", f"{i}".encode(), key=key))
+                ready = driver.claim_ready(requests, NOW)
+                assert isinstance(ready, list) and len(ready) <= 2
+                got += ready
+                # Claims often at first (a driver may take a drained claim as its cue to
+                # hand messages on from notifications), then now and then.
+                if i < 5 or i % 7 == 0:
+                    got += await driver.claim(requests, NOW)
+            await pushed(
+                envelope("ready!skip", b"skip", key=key),
+                envelope("ready!0", b"40", key=key),
+            )
+            skip = [ClaimRequest(key=key, limit=2, exclude=frozenset({"ready!skip"}))]
+            got += driver.claim_ready(skip, NOW)
+            while more := await driver.claim(skip, NOW):
+                got += more
+        finally:
+            notifier.remove_change_listener(fired.set)
+        assert all(m.channel != "ready!skip" for m in got)
+        for c in range(2):
+            mine = [int(m.payload) for m in got if m.channel == f"ready!{c}"]
+            assert mine == list(range(c, 41, 2)), f"channel ready!{c}: {mine}"
+        assert _payloads(await claim(driver, key, limit=10)) == [b"skip"]
 
     # ---------------------------------------------------------------- cross-process
 

@@ -16,6 +16,7 @@ from ..drivers.base import (
     ChangeNotifier,
     Claimed,
     ClaimRequest,
+    ClaimsReady,
     DefersChanges,
     Driver,
     DriverError,
@@ -123,6 +124,9 @@ class ClaimLoop:
         self._remove_retry = _RETRY_FIRST
         # Consecutive rounds whose messages all went straight to waiting receivers.
         self._direct_rounds = 0
+        # Set while this loop awaits a claim or peek (claim_ready must not overtake it).
+        self._claiming = False
+        self._ready: ClaimsReady | None = None
         self.task: asyncio.Task[None] = loop.create_task(self._run(), name="channels-lite claim")
 
     def alive(self) -> bool:
@@ -142,8 +146,29 @@ class ClaimLoop:
             # (a parked loop is always woken by receive()). Waking here would only cost a
             # round of the loop per commit of every other process.
             return
+        if self._ready is not None and not self._claiming and not self._stopping:
+            # Before the wake-up: the receivers' turns then come before the claim loop's.
+            self._deliver_ready(self._ready)
         _trace.debug("wake", "woken by a storage change notification")
         self.wakeup.set()
+
+    def _deliver_ready(self, ready: ClaimsReady) -> None:
+        """Hand on what the notification brought (see ClaimsReady), in this same turn."""
+        requests = self.inbox.requests(CLAIM_BATCH)
+        if not requests:
+            return
+        now = self.clock()
+        try:
+            messages = ready.claim_ready(requests, now)
+        except Exception:
+            # Breaks the contract; the claim loop still claims (the wake-up follows).
+            logger.exception("channels-lite: %r failed in claim_ready; not asked again", ready)
+            self._ready = None
+            return
+        if messages:
+            _trace.debug("ready", "%d message(s) came with a notification", len(messages))
+            self.inbox.deliver(messages, now, self.loop)
+            self.backoff.reset()
 
     def stored(self, keys: Iterable[str]) -> None:
         """This process just stored messages under ``keys`` (from any loop's thread).
@@ -165,6 +190,8 @@ class ClaimLoop:
             notifier.add_change_listener(self._on_change)
             if isinstance(notifier, DefersChanges):
                 self._deferrer = notifier
+            if isinstance(notifier, ClaimsReady):
+                self._ready = notifier
         try:
             await self._claim_forever(trust_clean=notifier is not None)
         finally:
@@ -219,6 +246,7 @@ class ClaimLoop:
             # A driver absorbs a cancellation that arrives mid-claim and returns what it took
             # (see Driver.claim); it is re-raised here once those messages are in the inbox.
             peeked = False
+            self._claiming = True
             try:
                 if self._may_peek(requests):
                     taken = await self._peek(requests, now)
@@ -233,12 +261,15 @@ class ClaimLoop:
                         await self._remove_held()
                     claimed = await self.driver.claim(requests, now)
             except DriverError:
+                self._claiming = False
                 # Receivers keep waiting; the claim loop must outlive a storage outage.
                 _failures.exception("claim", "channels-lite: claiming messages failed; retrying")
                 self._defer(False)
                 await self.wakeup.wait(retry)
                 retry = min(retry * 2, _RETRY_CEILING)
                 continue
+            finally:
+                self._claiming = False
             retry = _RETRY_FIRST
             if claimed:
                 _trace.debug(

@@ -47,6 +47,7 @@ __all__ = [
     "ChangeNotifier",
     "ClaimRequest",
     "Claimed",
+    "ClaimsReady",
     "DefersChanges",
     "Driver",
     "DriverConfigError",
@@ -260,6 +261,35 @@ class ChangeNotifier(Protocol):
     def add_change_listener(self, callback: Callable[[], None]) -> None: ...
 
     def remove_change_listener(self, callback: Callable[[], None]) -> None: ...
+
+
+@runtime_checkable
+class ClaimsReady(Protocol):
+    """Optional, beside :class:`ChangeNotifier`: messages that came with their notification.
+
+    Some storage can tell a listener the message itself along with the change (PostgreSQL's
+    NOTIFY payload). The core then asks for them from its change listener, on the spot, and
+    hands them to the waiting receivers in that same turn of the loop, rather than waking its
+    claim loop for a round that would find them: one loop turn fewer on every message, and
+    the code a round runs, on a process that has just woken up and runs it slowly.
+
+    Invariants:
+
+    - ``claim_ready(requests, now)`` is :meth:`Driver.claim` restricted to what the instance
+      holds at hand, with every guarantee of ``claim``: a message comes from ``claim`` or from
+      ``claim_ready`` at most once across every instance and process; limits, ``exclude``
+      and expiry are respected; within one key messages come in the order they were pushed,
+      also across ``claim_ready`` and ``claim`` calls.
+    - It does no I/O and never suspends or raises: ``[]`` when nothing is at hand. Work that
+      must follow (deleting what was handed on) is the driver's to schedule.
+    - The core calls it on the loop the instance was opened on, from inside a change
+      listener's call or anywhere else, and never while one of its ``claim`` calls is in
+      flight (messages that claim took must reach receivers before later ones). It still
+      wakes its claim loop after each notification: what ``claim_ready`` left is claimed as
+      usual.
+    """
+
+    def claim_ready(self, requests: Sequence[ClaimRequest], now: float) -> list[Claimed]: ...
 
 
 @runtime_checkable

@@ -356,6 +356,27 @@ class PostgresDriver(Driver):
             return served
         return served + inbound.claimed(ticket, rest, rows, listening)
 
+    # -- ClaimsReady -------------------------------------------------------------------------
+
+    def claim_ready(self, requests: Sequence[ClaimRequest], now: float) -> list[Claimed]:
+        """What notifications brought for trusted keys (see :mod:`.inbound`), without I/O.
+
+        Messages of channels below ``DELETE_FIRST_BELOW`` stay held for :meth:`claim`, which
+        deletes their rows before handing them on.
+        """
+        inbound = self._inbound
+        if inbound is None or self._listener is None or self._pool is None:
+            return []
+        out: list[Claimed] = []
+        for request in requests:
+            if request.limit > 0:
+                got = inbound.serve(request, now, at_once=True)
+                if got:
+                    out.extend(got)
+        if out:
+            self._schedule_deletes()
+        return out
+
     def _schedule_deletes(self) -> None:
         if self._deleting is None or self._deleting.done():
             self._deleting = asyncio.get_running_loop().create_task(self._delete_soon())

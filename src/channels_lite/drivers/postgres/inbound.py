@@ -272,8 +272,14 @@ class Inbound:
 
     # -- claims --------------------------------------------------------------------------------
 
-    def serve(self, request: ClaimRequest, now: float) -> list[Claimed] | None:
-        """Hand on what notifications brought for a trusted key; None: claim it instead."""
+    def serve(
+        self, request: ClaimRequest, now: float, *, at_once: bool = False
+    ) -> list[Claimed] | None:
+        """Hand on what notifications brought for a trusted key; None: claim it instead.
+
+        ``at_once``: the caller cannot wait for a deletion (``claim_ready``): stop before a
+        message of a channel below :data:`DELETE_FIRST_BELOW`; it and the rest stay held.
+        """
         key = request.key
         lapses = self._trusted.get(key)
         if lapses is None:
@@ -296,6 +302,9 @@ class Inbound:
                 continue
             if message.expires_at <= now:
                 continue  # never handed on; purge removes the row
+            if at_once and item.capacity < DELETE_FIRST_BELOW:
+                held.appendleft(item)
+                break
             state = self.delivered.take(key, message.channel, item.row_id)
             if state is False:
                 continue
