@@ -835,6 +835,24 @@ async def test_claim_ready_hands_on_what_notifications_brought_without_a_claim(
 
 
 @pytest.mark.asyncio
+async def test_close_deletes_the_rows_handed_on_whose_deletion_was_still_due(
+    make_driver: Any, long_trust: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows of messages handed on from notifications are deleted by a timer a moment later;
+    closing the driver before it fired deletes them there and then."""
+    from channels_lite.drivers.postgres import driver as driver_module
+
+    monkeypatch.setattr(driver_module, "DELETE_DELAY", 3600.0)
+    a, sender = await make_driver(), await make_driver()
+    await _trusting(a, "k!")
+    await sender.push([env("x.k!c", b"one", key="k!")], NOW)
+    assert await _claim_until(a, "k!", 1) == [b"one"]
+    assert a._inbound.handed_on == 1 and _stored(sender) == 1
+    await a.close()
+    assert _stored(sender) == 0
+
+
+@pytest.mark.asyncio
 async def test_a_claim_answered_after_the_background_delete_drops_the_handed_on_row(
     make_driver: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -158,6 +158,7 @@ class PostgresDriver(Driver):
         self._listener: Listener | None = None
         self._inbound: Inbound | None = None
         self._deleting: asyncio.Task[None] | None = None
+        self._delete_timer: asyncio.TimerHandle | None = None
         # Sent with this instance's NOTIFYs, so that its own listener skips them: the core
         # hears of its own pushes directly, and a wake-up for them only costs a claim.
         self._token = secrets.token_hex(8)
@@ -247,6 +248,9 @@ class PostgresDriver(Driver):
         if listener is not None:
             await listener.stop()
         await self._listeners.settle()
+        timer, self._delete_timer = self._delete_timer, None
+        if timer is not None:
+            timer.cancel()
         deleting, self._deleting = self._deleting, None
         if deleting is not None:
             await asyncio.wait({deleting})
@@ -262,6 +266,8 @@ class PostgresDriver(Driver):
         if listener is not None:
             listener.close_now()
         self._listeners.forget_stops()
+        # Its loop is gone. The rows stay recorded as taken: a claim that meets one drops it.
+        self._delete_timer = None
         pool, self._pool = self._pool, None
         self._loop = None
         if pool is not None:
@@ -378,13 +384,23 @@ class PostgresDriver(Driver):
         return out
 
     def _schedule_deletes(self) -> None:
-        if self._deleting is None or self._deleting.done():
-            self._deleting = asyncio.get_running_loop().create_task(self._delete_soon())
+        # A timer, not a task that sleeps: a new task's first step would run before the
+        # receivers just served, on the path of the message it deletes. Meanwhile, deletions
+        # gather into one batch (a deletion in flight picks new ones up when it is done).
+        if self._delete_timer is not None or (
+            self._deleting is not None and not self._deleting.done()
+        ):
+            return
+        self._delete_timer = asyncio.get_running_loop().call_later(
+            DELETE_DELAY, self._start_deletes
+        )
 
-    async def _delete_soon(self) -> None:
-        # Let the receivers just served run first, and let deletions gather into one batch.
-        await asyncio.sleep(DELETE_DELAY)
-        await self._delete_handed_on()
+    def _start_deletes(self) -> None:
+        self._delete_timer = None
+        if self._loop is not None:
+            self._deleting = self._loop.create_task(
+                self._delete_handed_on(), name="channels-lite deletes of handed-on rows"
+            )
 
     async def _delete_handed_on(self) -> None:
         """Delete the rows of messages handed on from notifications, in batches."""
