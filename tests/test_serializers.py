@@ -189,3 +189,32 @@ async def test_a_factory_making_no_serializer_is_refused_when_the_layer_is_built
     finally:
         await layer.close()
     pytest.fail("a serializer without dumps() was accepted")
+
+
+class _Name(str):
+    pass
+
+
+@pytest.mark.parametrize("serializer", ["msgpack", "json"])
+async def test_subclasses_of_carried_types_take_the_full_check_and_arrive(
+    serializer: str,
+) -> None:
+    """Messages of exact types pass a quick walk; subclasses (an OrderedDict, a str or int
+    subclass, nested anywhere) go through the full check, which accepts them."""
+    from collections import OrderedDict
+
+    layer = ChannelLayer(driver="memory", serializer_format=serializer)
+    message = {"type": "x", "nested": [OrderedDict(a=_Name("b")), (1, True), {"n": None}]}
+    assert codec._plain({"type": "x", "nested": [{"a": "b"}, (1, 2.5, b"x"), None]})
+    assert not codec._plain(message)
+    try:
+        await layer.send("c", message)
+        got = await asyncio.wait_for(layer.receive("c"), 5)
+    finally:
+        await layer.close()
+    assert got["nested"][0] == {"a": "b"} and got["nested"][2] == {"n": None}
+
+
+def test_a_non_str_key_deep_in_a_message_is_named_with_its_path() -> None:
+    with pytest.raises(TypeError, match=r"message\['outer'\]\[0\] has a key of type int"):
+        codec.check_message({"type": "x", "outer": [{1: "one"}]})

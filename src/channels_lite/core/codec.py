@@ -43,12 +43,40 @@ def check_message(message: object) -> dict[str, Any]:
     if RESERVED_KEY in message:
         raise ValueError(f"A message may not contain the reserved key {RESERVED_KEY!r}")
     try:
-        _check_value(message, "message")
+        if not _plain(message):
+            _check_value(message, "message")
     except RecursionError:
         raise TypeError(
             "message is nested too deeply to be carried (hundreds of levels of lists or dicts)"
         ) from None
     return message
+
+
+#: Leaf types a message carries as they are; their subclasses take the slow walk.
+_LEAVES = frozenset({str, bytes, bool, float, int, type(None)})
+
+
+def _plain(value: object) -> bool:
+    """True when ``value`` holds only exact leaf types, str-keyed dicts, lists and tuples.
+
+    Every send walks its message: this walk builds no path strings (on a process that has
+    just woken up, the paths of a small message cost more than its serialization). False
+    sends the message through :func:`_check_value`, which accepts subclasses too and names
+    the offending value.
+    """
+    kind = type(value)
+    if kind in _LEAVES:
+        return True
+    if type(value) is dict:
+        for key, item in value.items():
+            if type(key) is not str:
+                return False
+            if type(item) not in _LEAVES and not _plain(item):
+                return False
+        return True
+    if type(value) is list or type(value) is tuple:
+        return all(type(item) in _LEAVES or _plain(item) for item in value)
+    return False
 
 
 def _check_value(value: object, path: str) -> None:

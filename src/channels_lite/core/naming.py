@@ -21,8 +21,16 @@ _PREFIX = re.compile(r"[A-Za-z0-9_.\-]+")
 _RULE = f"1 to {MAX_NAME_LENGTH} ASCII letters, digits, '-', '_' or '.'"
 
 
+#: Channel names checked already (every send and receive checks its channel): a set lookup
+#: instead of a regular expression. Emptied when full.
+_CHECKED: set[str] = set()
+_CHECKED_MAX = 8192
+
+
 def check_channel(name: object) -> str:
     """Return ``name`` if it is a valid channel name, else raise ``TypeError`` saying why."""
+    if type(name) is str and name in _CHECKED:
+        return name
     if not isinstance(name, str):
         raise TypeError(f"Channel name must be a str, not {type(name).__name__}: {name!r}")
     if len(name) > MAX_NAME_LENGTH:
@@ -35,6 +43,10 @@ def check_channel(name: object) -> str:
             f"Channel name {name!r} is invalid: use {_RULE}, with at most one '!' "
             "(process-specific channels)"
         )
+    if type(name) is str:
+        if len(_CHECKED) >= _CHECKED_MAX:
+            _CHECKED.clear()
+        _CHECKED.add(name)
     return name
 
 
