@@ -799,6 +799,27 @@ async def test_sends_are_handed_on_from_their_notification_once_and_in_order(
 
 
 @pytest.mark.asyncio
+async def test_per_message_statements_are_prepared_on_first_use(make_driver: Any) -> None:
+    """psycopg prepares a statement after five runs by default: the first messages of every
+    connection would wait for the server to parse and plan it. A send, a claim and a
+    deletion are prepared the first time a connection runs them."""
+    driver = await make_driver(pool_max=1)
+    await driver.push([env("x.k!c", b"one", key="k!")], NOW)
+    assert [m.payload for m in await driver.claim([ClaimRequest("k!", 10)], NOW)] == [b"one"]
+    await driver._pool.run(lambda conn: driver._ops.run_delete(conn, [0]), doing="deleting nothing")
+
+    async def prepared(conn: Any) -> list[str]:
+        cursor = await conn.execute("SELECT statement FROM pg_prepared_statements")
+        return [row[0] for row in await cursor.fetchall()]
+
+    statements = await driver._pool.run(prepared, doing="reading prepared statements")
+    tables = driver._ops.tables
+    assert any(tables.push_one in text for text in statements), statements
+    assert any("SKIP LOCKED" in text for text in statements), statements
+    assert any(f"DELETE FROM {tables.messages} WHERE id = ANY" in text for text in statements)
+
+
+@pytest.mark.asyncio
 async def test_claim_ready_hands_on_what_notifications_brought_without_a_claim(
     make_driver: Any, long_trust: None
 ) -> None:

@@ -263,7 +263,9 @@ GROUP BY group_name ORDER BY n DESC, group_name LIMIT %(top)s
         if cursor is None or cursor.closed:
             cursor = self._push_cursors[conn] = conn.cursor()
         with _PushOutcome(conn, [cursor]):
-            await cursor.execute(self.push_one, params)
+            # Prepared at once, not after psycopg's five runs: the first messages of every
+            # connection would otherwise wait for the statement to be parsed and planned.
+            await cursor.execute(self.push_one, params, prepare=True)
         row = await cursor.fetchone()
         return [row is not None and row[0] is True]
 
@@ -321,7 +323,7 @@ GROUP BY group_name ORDER BY n DESC, group_name LIMIT %(top)s
             }
         cursor = conn.cursor()
         try:
-            await cursor.execute(query, params)
+            await cursor.execute(query, params, prepare=True)
         except asyncio.CancelledError:
             # psycopg asked the server to cancel the DELETE and waited for the outcome. If
             # the statement had already completed (and so committed: it runs on its own), its
@@ -337,7 +339,7 @@ GROUP BY group_name ORDER BY n DESC, group_name LIMIT %(top)s
         ]
 
     async def run_delete(self, conn: Conn, ids: Sequence[int]) -> None:
-        await conn.execute(self.delete_ids, {"ids": list(ids)})
+        await conn.execute(self.delete_ids, {"ids": list(ids)}, prepare=True)
 
     # -- groups ----------------------------------------------------------------------------
 
