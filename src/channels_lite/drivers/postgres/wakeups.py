@@ -120,7 +120,6 @@ class Listener:
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._reader_fd: int | None = None
         self._lost = False
-        self._notified_during_command = False
         #: For tests and stats: connections made, notifications seen, pings answered.
         self.connects = 0
         self.notifications = 0
@@ -248,7 +247,6 @@ class Listener:
         await self._apply(conn)
         # Anything committed while we were not listening (first start, or a reconnect after a
         # drop or a server restart) gets claimed now instead of at the next safety-net poll.
-        self._notified_during_command = False
         self._fire()
         last_ping = time.monotonic()
         inbound = self._inbound
@@ -278,8 +276,7 @@ class Listener:
             # New LISTENs: a message committed between the claim that revealed the key and
             # now was not announced. Dropped ones: the core may believe those keys empty and
             # not look again before its safety-net poll.
-            if await self._apply(conn) or self._notified_during_command:
-                self._notified_during_command = False
+            if await self._apply(conn):
                 self._fire()
 
     async def _apply(self, conn: psycopg.AsyncConnection[Any]) -> bool:
@@ -344,7 +341,6 @@ class Listener:
         # psycopg hands over notifications that arrive while LISTEN/SELECT 1 run.
         if self._take(notify.channel, notify.payload):
             self.notifications += 1
-            self._notified_during_command = True
             # Now, not once the command is done: a ping renewing trust runs while messages
             # arrive, and the message this notification carries is ready to hand on.
             self._fire()
