@@ -387,13 +387,14 @@ class PostgresDriver(Driver):
         # A timer, not a task that sleeps: a new task's first step would run before the
         # receivers just served, on the path of the message it deletes. Meanwhile, deletions
         # gather into one batch (a deletion in flight picks new ones up when it is done).
-        if self._delete_timer is not None or (
-            self._deleting is not None and not self._deleting.done()
+        loop = self._loop
+        if (
+            loop is None
+            or self._delete_timer is not None
+            or (self._deleting is not None and not self._deleting.done())
         ):
             return
-        self._delete_timer = asyncio.get_running_loop().call_later(
-            DELETE_DELAY, self._start_deletes
-        )
+        self._delete_timer = loop.call_later(DELETE_DELAY, self._start_deletes)
 
     def _start_deletes(self) -> None:
         self._delete_timer = None
